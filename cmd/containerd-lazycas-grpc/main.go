@@ -1,0 +1,128 @@
+// Command containerd-lazycas-grpc is the lazycas daemon: a containerd
+// snapshotter served over gRPC on a unix socket, for containerd's
+// proxy_plugins.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/lazycas/lazycas/config"
+	"github.com/lazycas/lazycas/service"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// shutdownGrace bounds how long in-flight calls may run after a signal.
+const shutdownGrace = 10 * time.Second
+
+func main() {
+	if err := run(os.Args[1:], os.Stderr); err != nil {
+		fmt.Fprintf(os.Stderr, "containerd-lazycas-grpc: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, stderr io.Writer) error {
+	flags := flag.NewFlagSet("containerd-lazycas-grpc", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	var (
+		configPath  = flags.String("config", config.DefaultPath, "config file (TOML); a missing default file means all defaults")
+		root        = flags.String("root", config.DefaultRoot, "directory for the daemon's state")
+		address     = flags.String("address", config.DefaultAddress, "unix socket serving containerd's snapshots API")
+		logLevel    = flags.String("log-level", config.DefaultLogLevel, "trace, debug, info, warn, error, fatal or panic")
+		showVersion = flags.Bool("version", false, "print the version and exit")
+	)
+	if err := flags.Parse(args); err != nil {
+		return err
+	}
+	if flags.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", flags.Args())
+	}
+	if *showVersion {
+		fmt.Fprintf(os.Stdout, "containerd-lazycas-grpc %s\n", version)
+		return nil
+	}
+
+	set := map[string]bool{}
+	flags.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	cfg, err := config.Load(*configPath, set["config"])
+	if err != nil {
+		return err
+	}
+	// A flag given on the command line wins over the file.
+	if set["root"] {
+		cfg.Root = *root
+	}
+	if set["address"] {
+		cfg.Address = *address
+	}
+	if set["log-level"] {
+		cfg.LogLevel = *logLevel
+	}
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("flags: %w", err)
+	}
+	if err := setupLogging(cfg); err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	return serve(ctx, cfg)
+}
+
+func setupLogging(cfg config.Config) error {
+	if err := log.SetLevel(cfg.LogLevel); err != nil {
+		return fmt.Errorf("log level: %w", err)
+	}
+	format := log.TextFormat
+	if cfg.LogFormat == "json" {
+		format = log.JSONFormat
+	}
+	return log.SetFormat(format)
+}
+
+func serve(ctx context.Context, cfg config.Config) error {
+	logger := log.G(ctx).WithFields(log.Fields{"root": cfg.Root, "address": cfg.Address})
+	// Claim the socket first: a second daemon must fail before it touches
+	// any root. Clients that connect meanwhile wait in the backlog until
+	// the snapshotter is ready and Serve runs.
+	l, err := service.Listen(ctx, cfg.Address)
+	if err != nil {
+		return err
+	}
+	svc, err := service.New(ctx, cfg)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- svc.Serve(l) }()
+	logger.WithField("version", version).Info("lazycas serving")
+
+	select {
+	case err = <-serveErr:
+		logger.WithError(err).Error("server stopped")
+	case <-ctx.Done():
+		logger.Info("signal received, shutting down")
+	}
+	// A fresh context: the signal one is already cancelled.
+	if serr := svc.Shutdown(context.WithoutCancel(ctx), shutdownGrace); serr != nil {
+		err = errors.Join(err, serr)
+	}
+	if err == nil {
+		logger.Info("lazycas stopped")
+	}
+	return err
+}

@@ -1,0 +1,166 @@
+// Package config is the TOML configuration of the lazycas daemon.
+//
+// Every key has a documented default (see Default and the README's config
+// reference). Unknown keys and invalid values are rejected with an error that
+// names the key, so a typo never silently falls back to a default.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Defaults used when neither the config file nor a flag sets a value.
+const (
+	DefaultPath      = "/etc/lazycas/config.toml"
+	DefaultRoot      = "/var/lib/lazycas"
+	DefaultAddress   = "/run/lazycas/lazycas.sock"
+	DefaultLogLevel  = "info"
+	DefaultLogFormat = "text"
+)
+
+// CurrentVersion is the only config schema version this build understands.
+const CurrentVersion = 1
+
+// Config is the daemon configuration. The toml tags are the file's keys.
+type Config struct {
+	// Version of the config schema; 0 (absent) means CurrentVersion.
+	Version int `toml:"version"`
+	// Root holds all of the daemon's state: metadata.db and snapshots/.
+	// It must be on a filesystem overlayfs can use as upper (ext4, xfs, ...).
+	Root string `toml:"root"`
+	// Address is the unix socket serving containerd's snapshots API.
+	Address string `toml:"address"`
+	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
+	LogLevel string `toml:"log_level"`
+	// LogFormat is "text" or "json".
+	LogFormat string `toml:"log_format"`
+
+	Snapshotter Snapshotter `toml:"snapshotter"`
+}
+
+// Snapshotter configures the overlay snapshotter.
+type Snapshotter struct {
+	// AsyncRemove defers deleting a removed snapshot's directories to
+	// Cleanup (which containerd's garbage collector calls), so Remove
+	// returns without waiting on a large rm -rf.
+	AsyncRemove bool `toml:"async_remove"`
+	// MountOptions are added to every overlay mount (e.g. "volatile").
+	MountOptions []string `toml:"mount_options"`
+}
+
+// Default returns the configuration used when no file exists.
+func Default() Config {
+	return Config{
+		Version:   CurrentVersion,
+		Root:      DefaultRoot,
+		Address:   DefaultAddress,
+		LogLevel:  DefaultLogLevel,
+		LogFormat: DefaultLogFormat,
+	}
+}
+
+// Load reads the config at path over the defaults. When mustExist is false
+// and the file does not exist, the defaults are returned: the default path
+// is optional, an explicitly named file is not.
+func Load(path string, mustExist bool) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) && !mustExist {
+			return Default(), nil
+		}
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes TOML over the defaults and validates the result.
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return Config{}, decodeError(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// decodeError turns go-toml's errors into one line naming the key and line,
+// since its default messages omit the offending key.
+func decodeError(err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) {
+		keys := make([]string, 0, len(strict.Errors))
+		for _, e := range strict.Errors {
+			row, _ := e.Position()
+			keys = append(keys, fmt.Sprintf("%q (line %d)", strings.Join(e.Key(), "."), row))
+		}
+		return fmt.Errorf("unknown key %s", strings.Join(keys, ", "))
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, _ := de.Position()
+		if k := de.Key(); len(k) > 0 {
+			return fmt.Errorf("key %q (line %d): %s", strings.Join(k, "."), row, de.Error())
+		}
+		return fmt.Errorf("line %d: %s", row, de.Error())
+	}
+	return err
+}
+
+// Validate checks values the TOML types cannot.
+func (c *Config) Validate() error {
+	if c.Version != CurrentVersion {
+		return fmt.Errorf("key \"version\": unsupported version %d (this build reads version %d)", c.Version, CurrentVersion)
+	}
+	if err := absPath("root", c.Root); err != nil {
+		return err
+	}
+	if err := absPath("address", c.Address); err != nil {
+		return err
+	}
+	// sun_path is 108 bytes including the terminating NUL.
+	if len(c.Address) > 107 {
+		return fmt.Errorf("key \"address\": socket path is %d bytes, the limit is 107", len(c.Address))
+	}
+	if !isOneOf(c.LogLevel, "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic") {
+		return fmt.Errorf("key \"log_level\": %q is not one of trace, debug, info, warn, error, fatal, panic", c.LogLevel)
+	}
+	if !isOneOf(c.LogFormat, "text", "json") {
+		return fmt.Errorf("key \"log_format\": %q is not one of text, json", c.LogFormat)
+	}
+	for _, o := range c.Snapshotter.MountOptions {
+		if o == "" || strings.Contains(o, ",") {
+			return fmt.Errorf("key \"snapshotter.mount_options\": %q must be one non-empty option without commas", o)
+		}
+		if name, _, _ := strings.Cut(o, "="); isOneOf(name, "lowerdir", "upperdir", "workdir") {
+			return fmt.Errorf("key \"snapshotter.mount_options\": %q is set by the snapshotter itself", o)
+		}
+	}
+	return nil
+}
+
+func absPath(key, p string) error {
+	if p == "" {
+		return fmt.Errorf("key %q: must not be empty", key)
+	}
+	if !filepath.IsAbs(p) {
+		return fmt.Errorf("key %q: %q is not an absolute path", key, p)
+	}
+	return nil
+}
+
+func isOneOf(v string, set ...string) bool { return slices.Contains(set, v) }

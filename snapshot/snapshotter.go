@@ -1,0 +1,392 @@
+// Package snapshot is lazycas's containerd Snapshotter: overlayfs semantics on
+// containerd's bbolt metastore.
+//
+// Layout under the root (the snapshotter alone owns it):
+//
+//	metadata.db          containerd's snapshot metastore (bbolt)
+//	snapshots/<id>/fs    a snapshot's contents (an active snapshot's upperdir)
+//	snapshots/<id>/work  overlayfs workdir of an active snapshot
+//	snapshots/new-*      a snapshot being created (staged, renamed to <id> in
+//	                     the creating transaction; a leftover is swept by Cleanup)
+//
+// Contract: every change of snapshot state happens inside one metastore write
+// transaction, and a directory becomes <id> only inside the transaction that
+// records <id>. Directories are deleted only after the transaction that
+// forgot them committed, so a crash leaves at worst an orphan directory,
+// which Cleanup removes; never a snapshot without its directory.
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/continuity/fs"
+	"github.com/containerd/log"
+	bolt "go.etcd.io/bbolt"
+)
+
+// metastoreLockTimeout bounds the wait for another process's lock on metadata.db.
+const metastoreLockTimeout = 3 * time.Second
+
+// Snapshotter implements snapshots.Snapshotter with overlayfs.
+type Snapshotter struct {
+	root        string
+	ms          *storage.MetaStore
+	asyncRemove bool
+	// mountOptions are added to every overlay mount: host probes
+	// (index=off, userxattr) and configured options.
+	mountOptions []string
+}
+
+var (
+	_ snapshots.Snapshotter = (*Snapshotter)(nil)
+	_ snapshots.Cleaner     = (*Snapshotter)(nil)
+)
+
+type options struct {
+	asyncRemove  bool
+	mountOptions []string
+}
+
+// Opt configures New.
+type Opt func(*options) error
+
+// WithAsyncRemove defers deleting removed snapshots' directories to Cleanup.
+func WithAsyncRemove(o *options) error {
+	o.asyncRemove = true
+	return nil
+}
+
+// WithMountOptions adds options to every overlay mount.
+func WithMountOptions(opts ...string) Opt {
+	return func(o *options) error {
+		o.mountOptions = append(o.mountOptions, opts...)
+		return nil
+	}
+}
+
+// New opens (or creates) a snapshotter rooted at root. It probes the host once:
+// root must be a filesystem overlayfs can use as upper and lower layers.
+func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
+	var o options
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("create root: %w", err)
+	}
+	probe, err := probeHost(root)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(root, "snapshots"), 0o700); err != nil {
+		return nil, fmt.Errorf("create snapshots dir: %w", err)
+	}
+	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"), func(o *bolt.Options) error {
+		// bbolt waits forever for its file lock by default.
+		o.Timeout = metastoreLockTimeout
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open metastore: %w", err)
+	}
+	// The metastore opens its file on first use: open it now, so a locked or
+	// corrupt metadata.db fails start-up rather than the first request.
+	if err := ms.WithTransaction(ctx, false, func(context.Context) error { return nil }); err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("open metastore: %s is locked by another process (another daemon on this root?): %w", filepath.Join(root, "metadata.db"), err)
+		}
+		return nil, fmt.Errorf("open metastore: %w", err)
+	}
+	s := &Snapshotter{
+		root:         root,
+		ms:           ms,
+		asyncRemove:  o.asyncRemove,
+		mountOptions: append(probe.mountOptions(), o.mountOptions...),
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"root":          root,
+		"userxattr":     probe.userxattr,
+		"index_off":     probe.indexOff,
+		"async_remove":  o.asyncRemove,
+		"mount_options": s.mountOptions,
+	}).Info("overlay snapshotter ready")
+	return s, nil
+}
+
+// Stat returns the info of the snapshot key.
+func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return snapshots.Info{}, fmt.Errorf("stat %q: %w", key, err)
+	}
+	return info, nil
+}
+
+// Update changes the mutable fields (labels) of a snapshot's info.
+func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (_ snapshots.Info, err error) {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		info, err = storage.UpdateInfo(ctx, info, fieldpaths...)
+		return err
+	})
+	if err != nil {
+		return snapshots.Info{}, fmt.Errorf("update %q: %w", info.Name, err)
+	}
+	return info, nil
+}
+
+// Usage returns the disk usage of a snapshot: recorded at commit for a
+// committed one, measured now for an active one.
+func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	var (
+		id    string
+		info  snapshots.Info
+		usage snapshots.Usage
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		id, info, usage, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return snapshots.Usage{}, fmt.Errorf("usage %q: %w", key, err)
+	}
+	if info.Kind == snapshots.KindActive {
+		du, err := fs.DiskUsage(ctx, s.upperPath(id))
+		if err != nil {
+			return snapshots.Usage{}, fmt.Errorf("usage %q: measure %s: %w", key, s.upperPath(id), err)
+		}
+		usage = snapshots.Usage(du)
+	}
+	return usage, nil
+}
+
+// Mounts returns the mounts of an active or view snapshot.
+func (s *Snapshotter) Mounts(ctx context.Context, key string) (_ []mount.Mount, err error) {
+	var snap storage.Snapshot
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		snap, err = storage.GetSnapshot(ctx, key)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mounts %q: %w", key, err)
+	}
+	return s.mounts(snap), nil
+}
+
+// Prepare creates an active (writable) snapshot on top of parent.
+func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only snapshot of parent.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindView, key, parent, opts)
+}
+
+// Commit turns the active snapshot key into the committed snapshot name.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		id, _, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		du, err := fs.DiskUsage(ctx, s.upperPath(id))
+		if err != nil {
+			return fmt.Errorf("measure %s: %w", s.upperPath(id), err)
+		}
+		_, err = storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("commit %q as %q: %w", key, name, err)
+	}
+	return nil
+}
+
+// Remove forgets a snapshot and, unless removal is asynchronous, deletes its
+// directory once the metastore no longer knows it.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	var id string
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		id, _, err = storage.Remove(ctx, key)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("remove %q: %w", key, err)
+	}
+	if !s.asyncRemove {
+		dir := filepath.Join(s.root, "snapshots", id)
+		if err := os.RemoveAll(dir); err != nil {
+			// The snapshot is gone from the metastore; Cleanup retries the directory.
+			log.G(ctx).WithError(err).WithField("path", dir).Warn("remove snapshot directory")
+		}
+	}
+	return nil
+}
+
+// Walk calls fn for every snapshot matching the filters.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, fn, filters...)
+	})
+}
+
+// Cleanup deletes directories that no snapshot owns: those of asynchronously
+// removed snapshots and leftovers of a crash.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	var orphans []string
+	// A write transaction, so no creation can be between staging and commit
+	// while the directory is listed.
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		orphans, err = s.orphanDirs(ctx)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	for _, dir := range orphans {
+		if err := os.RemoveAll(dir); err != nil {
+			log.G(ctx).WithError(err).WithField("path", dir).Warn("cleanup: remove orphan directory")
+		}
+	}
+	return nil
+}
+
+// Close releases the metastore. Mounts made by containerd stay as they are.
+func (s *Snapshotter) Close() error {
+	return s.ms.Close()
+}
+
+func (s *Snapshotter) orphanDirs(ctx context.Context) ([]string, error) {
+	ids, err := storage.IDMap(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(s.root, "snapshots")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var orphans []string
+	for _, e := range entries {
+		if _, ok := ids[e.Name()]; !ok {
+			orphans = append(orphans, filepath.Join(dir, e.Name()))
+		}
+	}
+	return orphans, nil
+}
+
+func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
+	var (
+		snap      storage.Snapshot
+		published string
+	)
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		staged, err := s.stageDir(kind)
+		if err != nil {
+			return err
+		}
+		// Until the rename below succeeds the staged directory is ours to delete.
+		defer func() {
+			if staged != "" {
+				if rerr := os.RemoveAll(staged); rerr != nil {
+					log.G(ctx).WithError(rerr).WithField("path", staged).Warn("remove staged snapshot directory")
+				}
+			}
+		}()
+		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
+		if err != nil {
+			return err
+		}
+		if len(snap.ParentIDs) > 0 {
+			// The upper dir's root shadows the parent's root: keep its owner.
+			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(staged, "fs")); err != nil {
+				return err
+			}
+		}
+		dir := filepath.Join(s.root, "snapshots", snap.ID)
+		if err := os.Rename(staged, dir); err != nil {
+			return fmt.Errorf("publish snapshot directory: %w", err)
+		}
+		staged, published = "", dir
+		return nil
+	})
+	if err != nil {
+		// The commit failed after the rename: bbolt will hand out the same id
+		// again, so its directory must not outlive this attempt.
+		if published != "" {
+			if rerr := os.RemoveAll(published); rerr != nil {
+				log.G(ctx).WithError(rerr).WithField("path", published).Warn("remove directory of uncommitted snapshot")
+			}
+		}
+		return nil, fmt.Errorf("%s %q on %q: %w", kindVerb(kind), key, parent, err)
+	}
+	return s.mounts(snap), nil
+}
+
+func (s *Snapshotter) stageDir(kind snapshots.Kind) (string, error) {
+	td, err := os.MkdirTemp(filepath.Join(s.root, "snapshots"), "new-")
+	if err != nil {
+		return "", fmt.Errorf("stage snapshot directory: %w", err)
+	}
+	// MkdirTemp makes 0700; the rootfs root must be 0755 whatever the umask.
+	if err := mkdirMode(filepath.Join(td, "fs"), 0o755); err != nil {
+		return td, err
+	}
+	if kind == snapshots.KindActive {
+		if err := mkdirMode(filepath.Join(td, "work"), 0o711); err != nil {
+			return td, err
+		}
+	}
+	return td, nil
+}
+
+func (s *Snapshotter) upperPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "fs")
+}
+
+func (s *Snapshotter) workPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "work")
+}
+
+func mkdirMode(dir string, mode os.FileMode) error {
+	if err := os.Mkdir(dir, mode); err != nil {
+		return err
+	}
+	return os.Chmod(dir, mode)
+}
+
+func copyOwner(from, to string) error {
+	fi, err := os.Stat(from)
+	if err != nil {
+		return fmt.Errorf("stat parent: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return errors.New("stat parent: no owner information")
+	}
+	if err := os.Lchown(to, int(st.Uid), int(st.Gid)); err != nil {
+		return fmt.Errorf("chown upper dir: %w", err)
+	}
+	return nil
+}
+
+func kindVerb(k snapshots.Kind) string {
+	if k == snapshots.KindView {
+		return "view"
+	}
+	return "prepare"
+}
