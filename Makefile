@@ -1,0 +1,41 @@
+# lazycas: `make demo` runs a lazily pulled container end to end;
+# `make test` runs every test. Both install what they need (Debian 12, root).
+SHELL := /bin/bash
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+# The Go toolchain directory that script/install-deps.sh found or installed.
+WITHGO := PATH="$$(cat bin/.go-path):$$PATH"
+GO := $(WITHGO) go
+GOTEST_TIMEOUT ?= 45m
+
+.PHONY: all deps build lint test test-short demo clean
+
+all: build
+
+deps:
+	@mkdir -p bin
+	@script/install-deps.sh > bin/.go-path.out
+	@tail -1 bin/.go-path.out > bin/.go-path && rm -f bin/.go-path.out
+
+build: deps
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/ ./cmd/...
+
+lint: deps
+	$(GO) vet ./...
+	@out=$$(git ls-files -co --exclude-standard '*.go' | $(WITHGO) xargs gofmt -l); \
+	if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+
+# Unit, conformance and integration tests; packages run in parallel. The
+# integration tests start a private registry, containerd and lazycas, and
+# build their images once into $${LAZYCAS_TEST_CACHE:-/var/cache/lazycas-test}.
+test: build lint
+	$(GO) test -count=1 -timeout $(GOTEST_TIMEOUT) ./...
+
+# Inner loop: skips the integration tests and the slower conformance runs.
+test-short: deps
+	$(GO) test -short -count=1 ./...
+
+demo: build
+	$(GO) run ./script/demo -daemon bin/containerd-lazycas-grpc
+
+clean:
+	rm -rf bin
