@@ -1,0 +1,64 @@
+// Command lazycas is the lazycas command-line tool: pulling images into
+// containerd with the labels a remote snapshotter needs, and (to come)
+// converting images to lazy formats and inspecting the shared store.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `usage: lazycas COMMAND [flags] [args]
+
+commands:
+  image pull [flags] REF   pull REF into containerd through the lazycas snapshotter
+  version                  print the version
+
+Run "lazycas image pull -h" for its flags.
+`
+
+// errUsage means the command line was wrong; usage was already printed.
+var errUsage = errors.New("usage")
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	switch {
+	case err == nil:
+	case errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, errUsage):
+		os.Exit(2)
+	default:
+		fmt.Fprintf(os.Stderr, "lazycas: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errUsage
+	}
+	switch {
+	case args[0] == "version":
+		fmt.Fprintf(stdout, "lazycas %s\n", version)
+		return nil
+	case args[0] == "image" && len(args) > 1 && args[1] == "pull":
+		return imagePull(ctx, args[2:], stdout, stderr)
+	case args[0] == "-h" || args[0] == "--help" || args[0] == "help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprintf(stderr, "lazycas: unknown command %q\n\n%s", args, usage)
+	return errUsage
+}

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/platforms"
+	"github.com/opencontainers/image-spec/identity"
+
+	"github.com/lazycas/lazycas/service/resolver"
+	"github.com/lazycas/lazycas/snapshot"
+)
+
+// pullResult is what `image pull --json` prints.
+type pullResult struct {
+	Image       string        `json:"image"`
+	Digest      string        `json:"digest"`
+	Snapshotter string        `json:"snapshotter"`
+	Seconds     float64       `json:"seconds"`
+	Layers      []layerResult `json:"layers"`
+}
+
+type layerResult struct {
+	Digest    string `json:"digest"`
+	MediaType string `json:"mediaType"`
+	Size      int64  `json:"size"`
+	ChainID   string `json:"chainID"`
+	// Mode is "lazy" (mounted from the registry) or "unpacked".
+	Mode string `json:"mode"`
+	// DiskUsage is what the snapshot holds on the node's disk.
+	DiskUsage int64 `json:"diskUsage"`
+}
+
+func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	flags := flag.NewFlagSet("lazycas image pull", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	flags.Usage = func() {
+		fmt.Fprintln(stderr, "usage: lazycas image pull [flags] REF")
+		flags.PrintDefaults()
+	}
+	ns := os.Getenv(namespaces.NamespaceEnvVar)
+	if ns == "" {
+		ns = namespaces.Default
+	}
+	var (
+		address     = flags.String("address", "/run/containerd/containerd.sock", "containerd's socket")
+		namespace   = flags.String("namespace", ns, "containerd namespace (default from $CONTAINERD_NAMESPACE)")
+		snapshotter = flags.String("snapshotter", "lazycas", "snapshotter to unpack into")
+		hostsDir    = flags.String("hosts-dir", "", "containerd hosts directory (hosts.toml per registry)")
+		plainHTTP   = flags.Bool("plain-http", false, "use plain HTTP for registries hosts.toml does not configure")
+		platform    = flags.String("platform", "", "platform to pull (default: this host's)")
+		asJSON      = flags.Bool("json", false, "print the result as JSON")
+	)
+	if err := flags.Parse(args); err != nil {
+		return err
+	}
+	if flags.NArg() != 1 {
+		flags.Usage()
+		return errUsage
+	}
+	ref := flags.Arg(0)
+	platMatcher := platforms.Default()
+	if *platform != "" {
+		p, err := platforms.Parse(*platform)
+		if err != nil {
+			return fmt.Errorf("--platform: %w", err)
+		}
+		platMatcher = platforms.Only(p)
+	}
+
+	client, err := containerd.New(*address, containerd.WithDefaultNamespace(*namespace), containerd.WithTimeout(10*time.Second))
+	if err != nil {
+		return fmt.Errorf("connect to containerd at %s: %w", *address, err)
+	}
+	defer client.Close()
+
+	start := time.Now()
+	img, err := client.Pull(ctx, ref,
+		containerd.WithPullUnpack,
+		containerd.WithPullSnapshotter(*snapshotter),
+		containerd.WithPlatformMatcher(platMatcher),
+		containerd.WithResolver(resolver.New(ctx, resolver.Options{HostsDir: *hostsDir, PlainHTTP: *plainHTTP})),
+		// The labels CRI and nerdctl give remote snapshotters: image ref,
+		// layer digest, manifest digest and the image's layer list.
+		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(ref)),
+	)
+	if err != nil {
+		return fmt.Errorf("pull %s: %w", ref, err)
+	}
+	res, err := describePull(ctx, client, img, *snapshotter, platMatcher)
+	if err != nil {
+		return err
+	}
+	res.Seconds = time.Since(start).Seconds()
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	printPull(stdout, res)
+	return nil
+}
+
+// describePull reads back, per layer, how the snapshotter holds it.
+func describePull(ctx context.Context, client *containerd.Client, img containerd.Image, snapshotter string, platMatcher platforms.MatchComparer) (pullResult, error) {
+	res := pullResult{Image: img.Name(), Digest: img.Target().Digest.String(), Snapshotter: snapshotter}
+	manifest, err := images.Manifest(ctx, client.ContentStore(), img.Target(), platMatcher)
+	if err != nil {
+		return res, fmt.Errorf("read manifest of %s: %w", img.Name(), err)
+	}
+	diffIDs, err := img.RootFS(ctx)
+	if err != nil {
+		return res, fmt.Errorf("read rootfs of %s: %w", img.Name(), err)
+	}
+	if len(diffIDs) != len(manifest.Layers) {
+		return res, fmt.Errorf("image %s: %d layers but %d diff IDs", img.Name(), len(manifest.Layers), len(diffIDs))
+	}
+	sn := client.SnapshotService(snapshotter)
+	for i, chainID := range identity.ChainIDs(diffIDs) {
+		l := manifest.Layers[i]
+		lr := layerResult{Digest: l.Digest.String(), MediaType: l.MediaType, Size: l.Size, ChainID: chainID.String(), Mode: "unpacked"}
+		info, err := sn.Stat(ctx, chainID.String())
+		if err != nil {
+			return res, fmt.Errorf("layer %s: snapshot %s: %w", l.Digest, chainID, err)
+		}
+		if info.Labels[snapshot.LabelRemote] != "" {
+			lr.Mode = "lazy"
+		}
+		usage, err := sn.Usage(ctx, chainID.String())
+		if err != nil {
+			return res, fmt.Errorf("layer %s: usage of snapshot %s: %w", l.Digest, chainID, err)
+		}
+		lr.DiskUsage = usage.Size
+		res.Layers = append(res.Layers, lr)
+	}
+	return res, nil
+}
+
+func printPull(w io.Writer, res pullResult) {
+	fmt.Fprintf(w, "pulled %s (%s) with %s in %.1fs\n", res.Image, res.Digest, res.Snapshotter, res.Seconds)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  LAYER\tSIZE\tMODE\tON DISK")
+	for _, l := range res.Layers {
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", shortDigest(l.Digest), humanBytes(l.Size), l.Mode, humanBytes(l.DiskUsage))
+	}
+	tw.Flush()
+}
+
+func shortDigest(d string) string {
+	if len(d) > 19 {
+		return d[:19]
+	}
+	return d
+}
+
+func humanBytes(n int64) string {
+	const unit = 1000
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %cB", float64(n)/float64(div), "kMGTPE"[exp])
+}
