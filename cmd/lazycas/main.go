@@ -1,6 +1,6 @@
-// Command lazycas is the lazycas command-line tool: pulling images into
-// containerd with the labels a remote snapshotter needs, and (to come)
-// converting images to lazy formats and inspecting the shared store.
+// Command lazycas is the lazycas command-line tool: converting images to
+// lazy formats, pulling them into containerd with the labels a remote
+// snapshotter needs, and (to come) inspecting the shared store.
 package main
 
 import (
@@ -12,18 +12,21 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/containerd/log"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-const usage = `usage: lazycas COMMAND [flags] [args]
+const usage = `usage: lazycas [--debug] COMMAND [flags] [args]
 
 commands:
-  image pull [flags] REF   pull REF into containerd through the lazycas snapshotter
-  version                  print the version
+  image convert [flags] SRC DST   convert an image's layers to eStargz or zstd:chunked
+  image pull [flags] REF          pull REF into containerd through the lazycas snapshotter
+  version                         print the version
 
-Run "lazycas image pull -h" for its flags.
+Run "lazycas image convert -h" or "lazycas image pull -h" for their flags.
 `
 
 // errUsage means the command line was wrong; usage was already printed.
@@ -45,6 +48,15 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	// containerd's libraries log warnings a CLI user cannot act on (content
+	// store probes); --debug shows everything.
+	level := "error"
+	if len(args) > 0 && args[0] == "--debug" {
+		level, args = "debug", args[1:]
+	}
+	if err := log.SetLevel(level); err != nil {
+		return err
+	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return errUsage
@@ -55,6 +67,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return nil
 	case args[0] == "image" && len(args) > 1 && args[1] == "pull":
 		return imagePull(ctx, args[2:], stdout, stderr)
+	case args[0] == "image" && len(args) > 1 && args[1] == "convert":
+		return imageConvert(ctx, args[2:], stdout, stderr)
 	case args[0] == "-h" || args[0] == "--help" || args[0] == "help":
 		fmt.Fprint(stdout, usage)
 		return nil
