@@ -40,7 +40,14 @@ func imageConvert(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		flags.Usage()
 		return errUsage
 	}
-	src, dst := flags.Arg(0), flags.Arg(1)
+	src, err := normalizeRef(flags.Arg(0))
+	if err != nil {
+		return err
+	}
+	dst, err := normalizeRef(flags.Arg(1))
+	if err != nil {
+		return err
+	}
 	f, err := convert.ParseFormat(*format)
 	if err != nil {
 		return fmt.Errorf("--format: %w", err)

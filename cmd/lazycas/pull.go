@@ -68,7 +68,10 @@ func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		flags.Usage()
 		return errUsage
 	}
-	ref := flags.Arg(0)
+	ref, err := normalizeRef(flags.Arg(0))
+	if err != nil {
+		return err
+	}
 	platMatcher := platforms.Default()
 	if *platform != "" {
 		p, err := platforms.Parse(*platform)
@@ -78,6 +81,10 @@ func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		platMatcher = platforms.Only(p)
 	}
 
+	// containerd.New waits out its whole timeout on a socket that is not there.
+	if _, err := os.Stat(*address); err != nil {
+		return fmt.Errorf("containerd socket: %w", err)
+	}
 	client, err := containerd.New(*address, containerd.WithDefaultNamespace(*namespace), containerd.WithTimeout(10*time.Second))
 	if err != nil {
 		return fmt.Errorf("connect to containerd at %s: %w", *address, err)

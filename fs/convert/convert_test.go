@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -341,11 +343,56 @@ func TestConvertFailsClearly(t *testing.T) {
 		})
 	}
 	t.Run("an unsupported layer media type", func(t *testing.T) {
-		if _, err := layerCompression("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"); err == nil ||
-			!strings.Contains(err.Error(), "unsupported layer media type") {
+		img, err := mutate.Append(empty.Image, mutate.Addendum{
+			Layer: static.NewLayer([]byte("sealed"), "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, _ := name.ParseReference(host+"/sealed:v1", name.Insecure)
+		if err := remote.Write(r, mutate.MediaType(img, types.OCIManifestSchema1)); err != nil {
+			t.Fatal(err)
+		}
+		_, err = Convert(ctx, host+"/sealed:v1", host+"/dst:v1", testOptions(EStargz))
+		if err == nil || !strings.Contains(err.Error(), `unsupported layer media type "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"`) {
 			t.Fatalf("got %v", err)
 		}
 	})
+}
+
+// staticKeychain hands out one user's credentials for every registry.
+type staticKeychain struct{ user, pass string }
+
+func (k staticKeychain) Resolve(authn.Resource) (authn.Authenticator, error) {
+	return &authn.Basic{Username: k.user, Password: k.pass}, nil
+}
+
+func TestConvertAuthenticates(t *testing.T) {
+	ctx := context.Background()
+	inner := registry.New(registry.Logger(nopLogger()))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if u, p, ok := r.BasicAuth(); !ok || u != "alice" || p != "s3cret" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		inner.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+	open := testRegistry(t)
+	pushImage(t, open+"/src:v1", tarBytes(t, oddLayer(false)))
+
+	withKeys := func(k authn.Keychain) Options {
+		return Options{Format: EStargz, Resolver: resolver.New(ctx, resolver.Options{PlainHTTP: true, Keychain: k})}
+	}
+	_, err := Convert(ctx, open+"/src:v1", host+"/dst:v1", withKeys(staticKeychain{"alice", "wrong"}))
+	if err == nil || !strings.Contains(err.Error(), "401") {
+		t.Fatalf("wrong password: got %v, want a 401 error", err)
+	}
+	if _, err := Convert(ctx, open+"/src:v1", host+"/dst:v1", withKeys(staticKeychain{"alice", "s3cret"})); err != nil {
+		t.Fatalf("right password: %v", err)
+	}
 }
 
 // verifyLayer opens a converted blob as the snapshotter will, checks its TOC

@@ -1,0 +1,62 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestNormalizeRef(t *testing.T) {
+	for in, want := range map[string]string{
+		"busybox":             "docker.io/library/busybox:latest",
+		"127.0.0.1:5000/py:3": "127.0.0.1:5000/py:3",
+		"ghcr.io/org/app@sha256:" + strings.Repeat("a", 64): "ghcr.io/org/app@sha256:" + strings.Repeat("a", 64),
+	} {
+		got, err := normalizeRef(in)
+		if err != nil || got != want {
+			t.Errorf("normalizeRef(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := normalizeRef("UPPER"); err == nil || !strings.Contains(err.Error(), `invalid image reference "UPPER"`) {
+		t.Errorf("bad reference: %v", err)
+	}
+}
+
+// The CLI's errors are one line each, and command-line mistakes are usage errors.
+func TestCommandLineErrors(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		wantUsage bool
+		want      string
+	}{
+		{"no command", nil, true, ""},
+		{"an unknown command", []string{"frobnicate"}, true, ""},
+		{"convert without DST", []string{"image", "convert", "a"}, true, ""},
+		{"an unknown format", []string{"image", "convert", "--format", "squashfs", "a", "b"}, false, `unknown format "squashfs"`},
+		{"a bad source reference", []string{"image", "convert", "UPPER", "b"}, false, `invalid image reference "UPPER"`},
+		{"both platform flags", []string{"image", "convert", "--platform", "linux/arm64", "--all-platforms", "a", "b"}, false, "exclude each other"},
+		{"a missing prefetch list", []string{"image", "convert", "--prefetch", "/nonexistent/list", "a", "b"}, false, "--prefetch"},
+		{"pull without containerd", []string{"image", "pull", "--address", "/nonexistent/containerd.sock", "busybox"}, false, "/nonexistent/containerd.sock"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			err := run(ctx, tc.args, &stdout, &stderr)
+			if err == nil {
+				t.Fatal("succeeded")
+			}
+			if got := errors.Is(err, errUsage); got != tc.wantUsage {
+				t.Fatalf("usage error = %v, want %v (%v)", got, tc.wantUsage, err)
+			}
+			if tc.want != "" && !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not contain %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error is not one line: %q", err)
+			}
+		})
+	}
+}
