@@ -334,6 +334,13 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 		return nil, fmt.Errorf("%s %q on %q: %w", kindVerb(kind), key, parent, err)
 	}
+	if l := log.G(ctx); l.Logger.IsLevelEnabled(log.DebugLevel) {
+		var info snapshots.Info
+		for _, o := range opts {
+			_ = o(&info)
+		}
+		l.WithFields(log.Fields{"key": key, "parent": parent, "id": snap.ID, "labels": info.Labels}).Debug(kindVerb(kind))
+	}
 	return s.mounts(snap), nil
 }
 
