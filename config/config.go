@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 )
@@ -44,7 +45,58 @@ type Config struct {
 	LogFormat string `toml:"log_format"`
 
 	Snapshotter Snapshotter `toml:"snapshotter"`
+	FS          FS          `toml:"fs"`
+	Remote      Remote      `toml:"remote"`
 }
+
+// FS configures lazy layers: FUSE mounts, prefetch and background fetch.
+type FS struct {
+	// Lazy mounts eStargz and zstd:chunked layers from the registry instead
+	// of letting containerd download and unpack them.
+	Lazy bool `toml:"lazy"`
+	// Passthrough lets the kernel read fetched files straight from the
+	// store (FUSE passthrough), one page cache for every image; falls back
+	// to ordinary FUSE reads where the kernel cannot.
+	Passthrough bool `toml:"passthrough"`
+	// Prefetch fetches a layer's prioritised files (before its prefetch
+	// landmark) right after mounting it.
+	Prefetch bool `toml:"prefetch"`
+	// BackgroundFetch then fetches the rest of the layer.
+	BackgroundFetch bool `toml:"background_fetch"`
+	// FetchConcurrency bounds the files one layer fetches at once.
+	FetchConcurrency int `toml:"fetch_concurrency"`
+	// Debug logs every FUSE request (very verbose).
+	Debug bool `toml:"debug"`
+}
+
+// Remote configures registry access for lazy layers.
+type Remote struct {
+	// ConfigPath is a containerd hosts directory (<dir>/<host>/hosts.toml:
+	// mirrors, TLS, plain HTTP), as containerd's config_path.
+	ConfigPath string `toml:"config_path"`
+	// RequestTimeout bounds one HTTP request, e.g. "30s".
+	RequestTimeout Duration `toml:"request_timeout"`
+	// Retries is how often a failed request is retried.
+	Retries int `toml:"retries"`
+	// MaxInFlight bounds concurrent requests per layer blob.
+	MaxInFlight int `toml:"max_in_flight"`
+}
+
+// Duration is a time.Duration written as a string such as "30s".
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes the duration as a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
 
 // Snapshotter configures the overlay snapshotter.
 type Snapshotter struct {
@@ -64,6 +116,10 @@ func Default() Config {
 		Address:   DefaultAddress,
 		LogLevel:  DefaultLogLevel,
 		LogFormat: DefaultLogFormat,
+		FS: FS{
+			Lazy: true, Passthrough: true, Prefetch: true, BackgroundFetch: true, FetchConcurrency: 4,
+		},
+		Remote: Remote{RequestTimeout: Duration{30 * time.Second}, Retries: 4, MaxInFlight: 4},
 	}
 }
 
@@ -149,6 +205,23 @@ func (c *Config) Validate() error {
 		if name, _, _ := strings.Cut(o, "="); isOneOf(name, "lowerdir", "upperdir", "workdir") {
 			return fmt.Errorf("key \"snapshotter.mount_options\": %q is set by the snapshotter itself", o)
 		}
+	}
+	if c.FS.FetchConcurrency < 1 || c.FS.FetchConcurrency > 64 {
+		return fmt.Errorf("key \"fs.fetch_concurrency\": %d is not between 1 and 64", c.FS.FetchConcurrency)
+	}
+	if c.Remote.ConfigPath != "" {
+		if err := absPath("remote.config_path", c.Remote.ConfigPath); err != nil {
+			return err
+		}
+	}
+	if d := c.Remote.RequestTimeout.Duration; d < 100*time.Millisecond || d > time.Hour {
+		return fmt.Errorf("key \"remote.request_timeout\": %s is not between 100ms and 1h", d)
+	}
+	if c.Remote.Retries < 0 || c.Remote.Retries > 20 {
+		return fmt.Errorf("key \"remote.retries\": %d is not between 0 and 20", c.Remote.Retries)
+	}
+	if c.Remote.MaxInFlight < 1 || c.Remote.MaxInFlight > 64 {
+		return fmt.Errorf("key \"remote.max_in_flight\": %d is not between 1 and 64", c.Remote.MaxInFlight)
 	}
 	return nil
 }

@@ -18,22 +18,115 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/plugins/snapshots/overlay/overlayutils"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 
 	"github.com/lazycas/lazycas/config"
+	lazyfs "github.com/lazycas/lazycas/fs"
+	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/fs/remote"
+	"github.com/lazycas/lazycas/metadata"
+	"github.com/lazycas/lazycas/service/resolver"
 	"github.com/lazycas/lazycas/snapshot"
+	"github.com/lazycas/lazycas/store"
 )
 
 // Service is a configured snapshotter and its gRPC server.
 type Service struct {
 	sn   *snapshot.Snapshotter
 	grpc *grpc.Server
+	lazy *lazy // nil when lazy layers are off
+}
+
+// lazy is what mounting lazy layers takes.
+type lazy struct {
+	fs      *lazyfs.FileSystem
+	meta    *metadata.DB
+	store   *store.Store
+	fetcher *remote.Fetcher
+}
+
+func (l *lazy) close() error {
+	var errs []error
+	if l.fs != nil {
+		if err := l.fs.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("unmount lazy layers: %w", err))
+		}
+	}
+	l.fetcher.Close()
+	if err := l.meta.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := l.store.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return nil, fmt.Errorf("create root: %w", err)
+	}
+	st, err := store.Open(ctx, filepath.Join(cfg.Root, "store"))
+	if err != nil {
+		return nil, err
+	}
+	meta, err := metadata.Open(filepath.Join(cfg.Root, "layers.db"))
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	l := &lazy{meta: meta, store: st}
+	l.fetcher = remote.New(remote.Options{
+		Hosts:          resolver.Hosts(ctx, resolver.Options{HostsDir: cfg.Remote.ConfigPath}),
+		RequestTimeout: cfg.Remote.RequestTimeout.Duration,
+		Retries:        cfg.Remote.Retries,
+		MaxInFlight:    cfg.Remote.MaxInFlight,
+	})
+	defer func() {
+		if err != nil {
+			l.close()
+		}
+	}()
+	userxattr, err := overlayutils.NeedsUserXAttr(cfg.Root)
+	if err != nil {
+		return nil, fmt.Errorf("probe userxattr on %s: %w", cfg.Root, err)
+	}
+	opaque := fuse.OpaqueXattrTrusted
+	if userxattr {
+		opaque = fuse.OpaqueXattrUser
+	}
+	l.fs = lazyfs.New(meta, st, l.fetcher, lazyfs.Options{
+		OpaqueXattr:      opaque,
+		Passthrough:      cfg.FS.Passthrough,
+		Prefetch:         cfg.FS.Prefetch,
+		Background:       cfg.FS.BackgroundFetch,
+		FetchConcurrency: cfg.FS.FetchConcurrency,
+		Debug:            cfg.FS.Debug,
+	})
+	log.G(ctx).WithFields(log.Fields{
+		"store": st.Dir(), "passthrough": cfg.FS.Passthrough, "prefetch": cfg.FS.Prefetch,
+		"background_fetch": cfg.FS.BackgroundFetch, "opaque_xattr": opaque,
+	}).Info("lazy layers enabled")
+	return l, nil
 }
 
 // New opens the snapshotter under cfg.Root and prepares the gRPC server.
-func New(ctx context.Context, cfg config.Config) (*Service, error) {
+func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 	var opts []snapshot.Opt
+	var lz *lazy
+	if cfg.FS.Lazy {
+		if lz, err = openLazy(ctx, cfg); err != nil {
+			return nil, fmt.Errorf("lazy layers: %w", err)
+		}
+		defer func() {
+			if err != nil {
+				lz.close()
+			}
+		}()
+		opts = append(opts, snapshot.WithFileSystem(lz.fs))
+	}
 	if cfg.Snapshotter.AsyncRemove {
 		opts = append(opts, snapshot.WithAsyncRemove)
 	}
@@ -46,7 +139,7 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	}
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	return &Service{sn: sn, grpc: srv}, nil
+	return &Service{sn: sn, grpc: srv, lazy: lz}, nil
 }
 
 // Serve answers requests on l until Shutdown.
@@ -72,10 +165,18 @@ func (s *Service) Shutdown(ctx context.Context, grace time.Duration) error {
 		s.grpc.Stop()
 		<-done
 	}
+	var errs []error
 	if err := s.sn.Close(); err != nil {
-		return fmt.Errorf("close snapshotter: %w", err)
+		errs = append(errs, fmt.Errorf("close snapshotter: %w", err))
 	}
-	return nil
+	// Lazy layers cannot be served without this process: unmount them now
+	// (they are mounted again from metadata at the next start).
+	if s.lazy != nil {
+		if err := s.lazy.close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Listen opens the unix socket at address. A socket file nobody answers on

@@ -29,8 +29,11 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/continuity/fs"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 // metastoreLockTimeout bounds the wait for another process's lock on metadata.db.
@@ -44,6 +47,21 @@ type Snapshotter struct {
 	// mountOptions are added to every overlay mount: host probes
 	// (index=off, userxattr) and configured options.
 	mountOptions []string
+	// fs mounts remote layers; nil makes this a plain overlay snapshotter.
+	fs FileSystem
+}
+
+// FileSystem mounts lazily pulled layers on snapshot directories. The key
+// of a layer is the ID of the snapshot it is mounted for.
+type FileSystem interface {
+	// Lazy reports whether Prepare's labels describe a layer it can mount.
+	Lazy(labels map[string]string) bool
+	// Mount mounts the layer the labels describe on mountpoint.
+	Mount(ctx context.Context, key, mountpoint string, labels map[string]string) error
+	// Restore mounts again, after a restart, a layer mounted before.
+	Restore(ctx context.Context, key, mountpoint string) error
+	// Unmount unmounts the layer and forgets it.
+	Unmount(ctx context.Context, key, mountpoint string) error
 }
 
 var (
@@ -54,6 +72,16 @@ var (
 type options struct {
 	asyncRemove  bool
 	mountOptions []string
+	fs           FileSystem
+}
+
+// WithFileSystem makes Prepare mount lazy layers with fs instead of having
+// containerd unpack them.
+func WithFileSystem(fs FileSystem) Opt {
+	return func(o *options) error {
+		o.fs = fs
+		return nil
+	}
 }
 
 // Opt configures New.
@@ -113,6 +141,10 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms:           ms,
 		asyncRemove:  o.asyncRemove,
 		mountOptions: append(probe.mountOptions(), o.mountOptions...),
+		fs:           o.fs,
+	}
+	if s.fs != nil {
+		s.restoreRemote(ctx)
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"root":          root,
@@ -186,9 +218,116 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) (_ []mount.Mount, 
 	return s.mounts(snap), nil
 }
 
-// Prepare creates an active (writable) snapshot on top of parent.
+// Prepare creates an active (writable) snapshot on top of parent. When the
+// labels describe a lazy layer, it mounts that layer instead, commits it as
+// the snapshot containerd would have committed after unpacking, and says so
+// with ErrAlreadyExists; if mounting fails, containerd unpacks as usual.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	return s.create(ctx, snapshots.KindActive, key, parent, opts)
+	var info snapshots.Info
+	for _, o := range opts {
+		if err := o(&info); err != nil {
+			return nil, err
+		}
+	}
+	target := info.Labels[LabelSnapshotRef]
+	if s.fs == nil || target == "" || !s.fs.Lazy(info.Labels) {
+		return s.create(ctx, snapshots.KindActive, key, parent, opts)
+	}
+	if _, err := s.Stat(ctx, target); err == nil {
+		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+	}
+	mounts, err := s.create(ctx, snapshots.KindActive, key, parent, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.prepareRemote(ctx, key, target, info.Labels); err != nil {
+		if errdefs.IsAlreadyExists(err) {
+			return nil, err
+		}
+		log.G(ctx).WithError(err).WithFields(log.Fields{"key": key, "layer": info.Labels[LabelLayerDigest]}).
+			Warn("cannot mount layer lazily: containerd unpacks it")
+		return mounts, nil
+	}
+	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+}
+
+// prepareRemote mounts the lazy layer on the active snapshot key and
+// commits it as target. On error the snapshot is as create left it, or
+// gone when target appeared meanwhile.
+func (s *Snapshotter) prepareRemote(ctx context.Context, key, target string, labels map[string]string) error {
+	var id string
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		id, _, _, err = storage.GetInfo(ctx, key)
+		return err
+	}); err != nil {
+		return err
+	}
+	mountpoint := s.upperPath(id)
+	if err := s.fs.Mount(ctx, id, mountpoint, labels); err != nil {
+		return err
+	}
+	committed := make(map[string]string, len(labels)+1)
+	for k, v := range labels {
+		committed[k] = v
+	}
+	committed[LabelRemote] = "true"
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		// The files live in the registry and the store, not in this
+		// snapshot's directory: it uses no disk of its own.
+		_, err := storage.CommitActive(ctx, key, target, snapshots.Usage{}, snapshots.WithLabels(committed))
+		return err
+	})
+	if err == nil {
+		return nil
+	}
+	if uerr := s.fs.Unmount(ctx, id, mountpoint); uerr != nil {
+		log.G(ctx).WithError(uerr).WithField("key", key).Warn("unmount layer after failed commit")
+	}
+	if errdefs.IsAlreadyExists(err) {
+		// Another pull committed the same layer first.
+		if rerr := s.Remove(ctx, key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("remove duplicate snapshot")
+		}
+		return fmt.Errorf("target snapshot %q: %w", target, err)
+	}
+	return fmt.Errorf("commit lazy layer as %q: %w", target, err)
+}
+
+// restoreRemote mounts the remote snapshots again after a restart, before
+// the daemon serves requests.
+func (s *Snapshotter) restoreRemote(ctx context.Context) {
+	var remotes []string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			if info.Kind == snapshots.KindCommitted && info.Labels[LabelRemote] != "" {
+				remotes = append(remotes, info.Name)
+			}
+			return nil
+		})
+	})
+	if err != nil && !errdefs.IsNotFound(err) {
+		log.G(ctx).WithError(err).Error("list remote snapshots to restore")
+		return
+	}
+	for _, name := range remotes {
+		var id string
+		if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+			id, _, _, err = storage.GetInfo(ctx, name)
+			return err
+		}); err != nil {
+			log.G(ctx).WithError(err).WithField("snapshot", name).Error("restore remote snapshot")
+			continue
+		}
+		if err := s.fs.Restore(ctx, id, s.upperPath(id)); err != nil {
+			log.G(ctx).WithError(err).WithFields(log.Fields{"snapshot": name, "id": id}).
+				Error("cannot restore remote snapshot: it stays listed, its files are not readable")
+			continue
+		}
+		log.G(ctx).WithFields(log.Fields{"snapshot": name, "id": id}).Debug("remote snapshot restored")
+	}
+	if len(remotes) > 0 {
+		log.G(ctx).WithField("count", len(remotes)).Info("remote snapshots restored")
+	}
 }
 
 // View creates a read-only snapshot of parent.
@@ -219,13 +358,29 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // Remove forgets a snapshot and, unless removal is asynchronous, deletes its
 // directory once the metastore no longer knows it.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
-	var id string
+	var (
+		id     string
+		remote bool
+	)
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		_, info, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		remote = info.Labels[LabelRemote] != ""
 		id, _, err = storage.Remove(ctx, key)
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("remove %q: %w", key, err)
+	}
+	if remote && s.fs != nil {
+		// Never delete through a mount; and the layer's metadata and store
+		// references go with its snapshot.
+		if err := s.fs.Unmount(ctx, id, s.upperPath(id)); err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).Warn("unmount remote layer; its directory stays for Cleanup")
+			return nil
+		}
 	}
 	if !s.asyncRemove {
 		dir := filepath.Join(s.root, "snapshots", id)
@@ -239,9 +394,19 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 
 // Walk calls fn for every snapshot matching the filters.
 func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
-	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, fn, filters...)
+	called := false
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			called = true
+			return fn(ctx, info)
+		}, filters...)
 	})
+	// A metastore that never held a snapshot has no buckets yet, and the
+	// storage package reports that as not found; to a caller it is an empty list.
+	if err != nil && !called && errdefs.IsNotFound(err) {
+		return nil
+	}
+	return err
 }
 
 // Cleanup deletes directories that no snapshot owns: those of asynchronously
@@ -258,6 +423,10 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	for _, dir := range orphans {
+		if err := s.unmountOrphan(ctx, dir); err != nil {
+			log.G(ctx).WithError(err).WithField("path", dir).Warn("cleanup: orphan directory is still mounted")
+			continue
+		}
 		if err := os.RemoveAll(dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("cleanup: remove orphan directory")
 		}
@@ -268,6 +437,21 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // Close releases the metastore. Mounts made by containerd stay as they are.
 func (s *Snapshotter) Close() error {
 	return s.ms.Close()
+}
+
+// unmountOrphan unmounts a lazy layer still mounted in an orphan directory
+// (a crash between mounting and committing it), so that removing the
+// directory never reaches through a mount.
+func (s *Snapshotter) unmountOrphan(ctx context.Context, dir string) error {
+	mp := filepath.Join(dir, "fs")
+	mounted, err := mountinfo.Mounted(mp)
+	if err != nil || !mounted {
+		return nil
+	}
+	if s.fs != nil {
+		return s.fs.Unmount(ctx, filepath.Base(dir), mp)
+	}
+	return unix.Unmount(mp, unix.MNT_DETACH)
 }
 
 func (s *Snapshotter) orphanDirs(ctx context.Context) ([]string, error) {

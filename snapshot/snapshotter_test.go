@@ -3,6 +3,7 @@ package snapshot
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -144,6 +145,33 @@ func TestRejectsBadInput(t *testing.T) {
 	}
 	if len(entries) != 0 {
 		t.Errorf("snapshots/ holds %d entries after only failed calls", len(entries))
+	}
+}
+
+// A fresh root must list as empty, not as an error: containerd lists
+// snapshots when it starts and would log a failing snapshotter.
+func TestWalkFreshRootIsEmpty(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	s, err := New(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	n := 0
+	if err := s.Walk(ctx, func(context.Context, snapshots.Info) error { n++; return nil }); err != nil {
+		t.Fatalf("walk of a fresh root: %v", err)
+	}
+	if n != 0 {
+		t.Fatalf("walk of a fresh root saw %d snapshots", n)
+	}
+	// An error from the callback itself must still come through.
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	sentinel := fmt.Errorf("stop: %w", errdefs.ErrNotFound)
+	if err := s.Walk(ctx, func(context.Context, snapshots.Info) error { return sentinel }); !errors.Is(err, sentinel) {
+		t.Fatalf("walk returned %v, want the callback's error", err)
 	}
 }
 

@@ -1,0 +1,309 @@
+// Package fs mounts lazily pulled layers: for each one it reads and checks
+// the TOC from the registry, keeps it in metadata/, serves it over FUSE and
+// fills the shared store with its files, on first read and then by
+// prefetch.
+//
+// The snapshotter drives it through three calls: Mount a new layer, Restore
+// a layer mounted before a restart (from metadata, without the network), and
+// Unmount one whose snapshot is removed.
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/fs/layer"
+	"github.com/lazycas/lazycas/fs/remote"
+	"github.com/lazycas/lazycas/metadata"
+	"github.com/lazycas/lazycas/snapshot"
+	"github.com/lazycas/lazycas/store"
+)
+
+// Options configure a FileSystem.
+type Options struct {
+	// OpaqueXattr is the xattr overlayfs reads opaque directories by
+	// (trusted.overlay.opaque, or user.overlay.opaque with userxattr).
+	OpaqueXattr string
+	// Passthrough serves opened files through FUSE passthrough.
+	Passthrough bool
+	// Prefetch fetches the files before a layer's prefetch landmark right
+	// after mounting it; Background then fetches the rest of the layer.
+	Prefetch, Background bool
+	// FetchConcurrency bounds the files one layer prefetches at once.
+	FetchConcurrency int
+	// Debug logs FUSE requests.
+	Debug bool
+}
+
+// FileSystem mounts and serves lazy layers.
+type FileSystem struct {
+	meta    *metadata.DB
+	store   *store.Store
+	fetcher *remote.Fetcher
+	opts    Options
+
+	mu     sync.Mutex
+	layers map[string]*mounted
+}
+
+// New returns a FileSystem keeping TOCs in meta and file contents in st.
+func New(meta *metadata.DB, st *store.Store, fetcher *remote.Fetcher, opts Options) *FileSystem {
+	if opts.FetchConcurrency <= 0 {
+		opts.FetchConcurrency = 4
+	}
+	return &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{}}
+}
+
+// mounted is one served layer.
+type mounted struct {
+	key    string
+	fs     *FileSystem
+	meta   *metadata.Layer
+	format layer.Format
+	fuse   *fuse.Layer
+	cancel context.CancelFunc // stops prefetch
+	done   chan struct{}      // closed when prefetch ended
+
+	blobMu sync.Mutex
+	blob   *remote.Blob
+}
+
+// Lazy reports whether labels describe a layer f can mount.
+func (f *FileSystem) Lazy(labels map[string]string) bool {
+	_, pinned := layer.PinFromAnnotations(labels)
+	return pinned && labels[snapshot.LabelImageRef] != "" && labels[snapshot.LabelLayerDigest] != ""
+}
+
+// Mount fetches and checks the TOC of the layer the labels name, records
+// it under key and serves it on mountpoint.
+func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels map[string]string) error {
+	pin, ok := layer.PinFromAnnotations(labels)
+	if !ok {
+		return errors.New("layer has no TOC digest annotation")
+	}
+	ref, dgst := labels[snapshot.LabelImageRef], digest.Digest(labels[snapshot.LabelLayerDigest])
+	if ref == "" || dgst.Validate() != nil {
+		return fmt.Errorf("labels name no image (%q) and layer (%q)", ref, dgst)
+	}
+	start := time.Now()
+	blob, err := f.fetcher.Open(ctx, ref, ocispec.Descriptor{Digest: dgst})
+	if err != nil {
+		return fmt.Errorf("resolve layer %s of %s: %w", dgst, ref, err)
+	}
+	toc, err := layer.ReadTOC(ctx, blob, blob.Size(), pin)
+	if err != nil {
+		return fmt.Errorf("layer %s: %w", dgst, err)
+	}
+	tree, err := layer.Build(toc)
+	if err != nil {
+		return fmt.Errorf("layer %s: invalid TOC: %w", dgst, err)
+	}
+	info := metadata.LayerInfo{
+		Ref: ref, Digest: dgst.String(), Size: blob.Size(), TOCDigest: toc.Digest.String(),
+		Format: string(toc.Format), Prefetch: tree.Prefetch,
+	}
+	if err := f.meta.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
+		return err
+	}
+	ds := make([]digest.Digest, 0, tree.Files)
+	for _, n := range tree.Nodes {
+		if n.Type == metadata.TypeReg && n.Size > 0 {
+			ds = append(ds, digest.Digest(n.Digest))
+		}
+	}
+	if err := f.store.AddRefs(key, ds); err != nil {
+		f.forget(ctx, key)
+		return fmt.Errorf("layer %s: %w", dgst, err)
+	}
+	if _, err := f.serve(ctx, key, mountpoint, blob); err != nil {
+		f.forget(ctx, key)
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"key": key, "layer": dgst, "format": toc.Format, "entries": len(tree.Nodes), "files": tree.Files,
+		"prefetch": len(tree.Prefetch), "took": time.Since(start).Round(time.Millisecond),
+	}).Info("layer mounted lazily")
+	return nil
+}
+
+// Restore serves the layer recorded under key again, from metadata only:
+// file contents are fetched when read.
+func (f *FileSystem) Restore(ctx context.Context, key, mountpoint string) error {
+	// A daemon that died left its FUSE mount dead ("transport endpoint is
+	// not connected"): detach it before mounting anew.
+	if err := syscall.Unmount(mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("detach stale mount")
+	}
+	_, err := f.serve(ctx, key, mountpoint, nil)
+	return err
+}
+
+func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *remote.Blob) (*mounted, error) {
+	ml, err := f.meta.Layer(key)
+	if err != nil {
+		return nil, err
+	}
+	m := &mounted{key: key, fs: f, meta: ml, format: layer.Format(ml.Info.Format), blob: blob, done: make(chan struct{})}
+	fl, err := fuse.Mount(ctx, mountpoint, ml, m, fuse.Options{
+		FsName:      "lazycas:" + ml.Info.Digest,
+		OpaqueXattr: f.opts.OpaqueXattr,
+		Passthrough: f.opts.Passthrough,
+		Debug:       f.opts.Debug,
+	})
+	if err != nil {
+		return nil, err
+	}
+	m.fuse = fl
+	m.startFetch(ctx)
+	f.mu.Lock()
+	f.layers[key] = m
+	f.mu.Unlock()
+	return m, nil
+}
+
+// Unmount stops serving the layer under key and forgets its metadata and
+// store references. The mountpoint is unmounted even when key is unknown to
+// this process (a mount left by a dead daemon).
+func (f *FileSystem) Unmount(ctx context.Context, key, mountpoint string) error {
+	f.mu.Lock()
+	m := f.layers[key]
+	delete(f.layers, key)
+	f.mu.Unlock()
+	var errs []error
+	if m != nil {
+		if err := m.stop(); err != nil {
+			errs = append(errs, err)
+		}
+	} else if err := syscall.Unmount(mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+		errs = append(errs, fmt.Errorf("unmount %s: %w", mountpoint, err))
+	}
+	f.forget(ctx, key)
+	return errors.Join(errs...)
+}
+
+func (f *FileSystem) forget(ctx context.Context, key string) {
+	if err := f.meta.Delete(key); err != nil {
+		log.G(ctx).WithError(err).WithField("key", key).Warn("forget layer metadata")
+	}
+	if err := f.store.ReleaseLayer(key); err != nil {
+		log.G(ctx).WithError(err).WithField("key", key).Warn("release layer's store references")
+	}
+}
+
+// Close unmounts every layer; their metadata stays for Restore.
+func (f *FileSystem) Close() error {
+	f.mu.Lock()
+	layers := f.layers
+	f.layers = map[string]*mounted{}
+	f.mu.Unlock()
+	var errs []error
+	for _, m := range layers {
+		if err := m.stop(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *mounted) stop() error {
+	m.cancel()
+	<-m.done
+	return m.fuse.Unmount()
+}
+
+// remoteBlob resolves the layer's blob once, on the first fetch after a
+// restore.
+func (m *mounted) remoteBlob(ctx context.Context) (*remote.Blob, error) {
+	m.blobMu.Lock()
+	defer m.blobMu.Unlock()
+	if m.blob != nil {
+		return m.blob, nil
+	}
+	b, err := m.fs.fetcher.Open(ctx, m.meta.Info.Ref, ocispec.Descriptor{
+		Digest: digest.Digest(m.meta.Info.Digest), Size: m.meta.Info.Size,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("resolve layer %s of %s: %w", m.meta.Info.Digest, m.meta.Info.Ref, err)
+	}
+	m.blob = b
+	return b, nil
+}
+
+// Open implements fuse.Files: the content of n, from the store, fetched
+// into it first when missing.
+func (m *mounted) Open(ctx context.Context, n *metadata.Node) (*os.File, error) {
+	d := digest.Digest(n.Digest)
+	if f, err := m.fs.store.Open(d); err == nil {
+		return f, nil
+	}
+	if err := m.ensure(ctx, n, nil); err != nil {
+		return nil, err
+	}
+	return m.fs.store.Open(d)
+}
+
+// ensure fills the store with n's content, reading through pre (bytes
+// already fetched) where it covers the chunks.
+func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched) error {
+	_, err := m.fs.store.Ensure(ctx, digest.Digest(n.Digest), n.Size, func(ctx context.Context, w io.Writer) error {
+		b, err := m.remoteBlob(ctx)
+		if err != nil {
+			return err
+		}
+		var r layer.RangeReader = blobRanges{b}
+		if pre != nil {
+			pre.next = r
+			r = pre
+		}
+		return layer.WriteFile(ctx, r, m.format, n, w)
+	})
+	if err != nil {
+		return fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)
+	}
+	return nil
+}
+
+// blobRanges adapts a remote blob to layer.RangeReader.
+type blobRanges struct{ b *remote.Blob }
+
+func (r blobRanges) ReadRanges(ctx context.Context, ranges []layer.Range) error {
+	rs := make([]remote.Range, len(ranges))
+	for i, x := range ranges {
+		rs[i] = remote.Range{Off: x.Off, Buf: x.Buf}
+	}
+	return r.b.ReadRanges(ctx, rs)
+}
+
+// prefetched serves ranges from one buffer fetched for a group of files,
+// and anything else from next.
+type prefetched struct {
+	off  int64
+	buf  []byte
+	next layer.RangeReader
+}
+
+func (p *prefetched) ReadRanges(ctx context.Context, ranges []layer.Range) error {
+	var rest []layer.Range
+	for _, r := range ranges {
+		if r.Off >= p.off && r.Off+int64(len(r.Buf)) <= p.off+int64(len(p.buf)) {
+			copy(r.Buf, p.buf[r.Off-p.off:])
+			continue
+		}
+		rest = append(rest, r)
+	}
+	if len(rest) == 0 {
+		return nil
+	}
+	return p.next.ReadRanges(ctx, rest)
+}

@@ -1,0 +1,334 @@
+// Package fuse serves one lazily pulled layer as a read-only FUSE
+// filesystem that overlayfs can stack as a lower layer.
+//
+// Everything but file content is answered from metadata/ without the
+// network. Content comes from a Files provider (the shared store), which
+// fetches and verifies a file before the first byte of it is served.
+// Whiteouts are 0:0 character devices and opaque directories carry exactly
+// one opaque xattr, the one the overlay mount reads (trusted.* or, with
+// userxattr, user.*).
+package fuse
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/lazycas/lazycas/metadata"
+)
+
+// Opaque xattrs overlayfs reads from a lower layer.
+const (
+	OpaqueXattrTrusted = "trusted.overlay.opaque"
+	OpaqueXattrUser    = "user.overlay.opaque"
+)
+
+// Files provides the content of regular files.
+type Files interface {
+	// Open returns a file holding n's complete, verified content.
+	Open(ctx context.Context, n *metadata.Node) (*os.File, error)
+}
+
+// Options configure a mount.
+type Options struct {
+	// FsName is shown as the mount's source in /proc/mounts.
+	FsName string
+	// OpaqueXattr is the one xattr name an opaque directory answers to.
+	OpaqueXattr string
+	// Passthrough lets the kernel read opened files directly from the
+	// store's object files (FUSE passthrough) where it can.
+	Passthrough bool
+	// Debug logs every FUSE request.
+	Debug bool
+}
+
+// Layer is a mounted layer.
+type Layer struct {
+	dir    string
+	server *fuse.Server
+	stats  *Stats
+}
+
+// Stats counts FUSE operations, for profiling and tests.
+type Stats struct {
+	Lookups, Getattrs, Readdirs, Opens, Reads, OpenErrors atomic.Int64
+}
+
+// cacheTimeout is how long the kernel may cache entries and attributes:
+// a layer never changes while mounted.
+const cacheTimeout = 24 * time.Hour
+
+// Mount serves layer l on dir.
+func Mount(ctx context.Context, dir string, l *metadata.Layer, files Files, opts Options) (*Layer, error) {
+	rootMeta, err := l.Node(metadata.RootID)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	if opts.OpaqueXattr == "" {
+		opts.OpaqueXattr = OpaqueXattrTrusted
+	}
+	st := &Stats{}
+	m := &mount{layer: l, files: files, opts: opts, stats: st, log: log.G(ctx).WithField("layer", l.Info.Digest)}
+	root := &node{m: m, meta: rootMeta}
+	timeout := cacheTimeout
+	server, err := fs.Mount(dir, root, &fs.Options{
+		MountOptions: fuse.MountOptions{
+			AllowOther:  true,
+			FsName:      opts.FsName,
+			Name:        "lazycas",
+			DirectMount: true,
+			// The kernel checks permissions from the modes we report, as
+			// for any other read-only filesystem.
+			Options:       []string{"ro", "default_permissions"},
+			MaxReadAhead:  1 << 20,
+			Debug:         opts.Debug,
+			MaxStackDepth: 1,
+		},
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		RootStableAttr:  &fs.StableAttr{Ino: metadata.RootID},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	return &Layer{dir: dir, server: server, stats: st}, nil
+}
+
+// Stats returns the mount's operation counters.
+func (l *Layer) Stats() *Stats { return l.stats }
+
+// Unmount unmounts the layer and stops serving it. When the mount is busy
+// (an overlay still stacks it), it is detached lazily so the daemon never
+// leaves a dead FUSE mount behind.
+func (l *Layer) Unmount() error {
+	err := l.server.Unmount()
+	if err != nil {
+		if derr := syscall.Unmount(l.dir, syscall.MNT_DETACH); derr != nil && !errors.Is(derr, syscall.EINVAL) {
+			return fmt.Errorf("unmount %s: %w (detach: %v)", l.dir, err, derr)
+		}
+	}
+	l.server.Wait()
+	return nil
+}
+
+type mount struct {
+	layer *metadata.Layer
+	files Files
+	opts  Options
+	stats *Stats
+	log   *log.Entry
+}
+
+type node struct {
+	fs.Inode
+	m    *mount
+	meta *metadata.Node
+}
+
+var (
+	_ fs.NodeLookuper    = (*node)(nil)
+	_ fs.NodeGetattrer   = (*node)(nil)
+	_ fs.NodeReaddirer   = (*node)(nil)
+	_ fs.NodeReadlinker  = (*node)(nil)
+	_ fs.NodeGetxattrer  = (*node)(nil)
+	_ fs.NodeListxattrer = (*node)(nil)
+	_ fs.NodeOpener      = (*node)(nil)
+	_ fs.NodeStatfser    = (*node)(nil)
+)
+
+func typeBits(t metadata.Type) uint32 {
+	switch t {
+	case metadata.TypeDir:
+		return syscall.S_IFDIR
+	case metadata.TypeReg:
+		return syscall.S_IFREG
+	case metadata.TypeSymlink:
+		return syscall.S_IFLNK
+	case metadata.TypeChar:
+		return syscall.S_IFCHR
+	case metadata.TypeBlock:
+		return syscall.S_IFBLK
+	case metadata.TypeFifo:
+		return syscall.S_IFIFO
+	}
+	return 0
+}
+
+func fillAttr(n *metadata.Node, a *fuse.Attr) {
+	a.Ino = n.ID
+	a.Mode = typeBits(n.Type) | n.Mode
+	a.Nlink = n.Nlink
+	a.Owner = fuse.Owner{Uid: n.UID, Gid: n.GID}
+	a.Size = uint64(n.Size)
+	a.Blksize = 4096
+	a.Blocks = (uint64(n.Size) + 511) / 512
+	if n.Type == metadata.TypeChar || n.Type == metadata.TypeBlock {
+		a.Rdev = uint32(devNumber(n.DevMajor, n.DevMinor))
+	}
+	sec, nsec := uint64(n.ModTime/1e9), uint32(n.ModTime%1e9)
+	if n.ModTime < 0 {
+		sec, nsec = 0, 0
+	}
+	a.Mtime, a.Mtimensec = sec, nsec
+	a.Atime, a.Atimensec = sec, nsec
+	a.Ctime, a.Ctimensec = sec, nsec
+}
+
+// devNumber encodes a device number the way Linux's new_encode_dev does.
+func devNumber(major, minor uint32) uint64 {
+	return uint64(minor&0xff) | uint64(major&0xfff)<<8 | uint64(minor&^0xff)<<12
+}
+
+func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	n.m.stats.Lookups.Add(1)
+	child, err := n.m.layer.Lookup(n.meta.ID, name)
+	if errors.Is(err, metadata.ErrNotFound) {
+		return nil, syscall.ENOENT
+	}
+	if err != nil {
+		n.m.log.WithError(err).WithField("name", name).Error("lookup")
+		return nil, syscall.EIO
+	}
+	fillAttr(child, &out.Attr)
+	return n.NewInode(ctx, &node{m: n.m, meta: child}, fs.StableAttr{Mode: typeBits(child.Type), Ino: child.ID}), 0
+}
+
+func (n *node) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.m.stats.Getattrs.Add(1)
+	fillAttr(n.meta, &out.Attr)
+	return 0
+}
+
+func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	n.m.stats.Readdirs.Add(1)
+	ents, err := n.m.layer.ReadDir(n.meta.ID)
+	if err != nil {
+		n.m.log.WithError(err).WithField("inode", n.meta.ID).Error("readdir")
+		return nil, syscall.EIO
+	}
+	list := make([]fuse.DirEntry, 0, len(ents))
+	for _, e := range ents {
+		list = append(list, fuse.DirEntry{Name: e.Name, Ino: e.ID, Mode: typeBits(e.Type)})
+	}
+	return fs.NewListDirStream(list), 0
+}
+
+func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	if n.meta.Type != metadata.TypeSymlink {
+		return nil, syscall.EINVAL
+	}
+	return []byte(n.meta.Link), 0
+}
+
+func (n *node) xattr(name string) ([]byte, bool) {
+	if name == n.m.opts.OpaqueXattr {
+		return []byte("y"), n.meta.Opaque
+	}
+	v, ok := n.meta.Xattrs[name]
+	return v, ok
+}
+
+func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	v, ok := n.xattr(attr)
+	if !ok {
+		return 0, syscall.ENODATA
+	}
+	if len(dest) < len(v) {
+		return uint32(len(v)), syscall.ERANGE
+	}
+	return uint32(copy(dest, v)), 0
+}
+
+func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	names := make([]string, 0, len(n.meta.Xattrs)+1)
+	for k := range n.meta.Xattrs {
+		names = append(names, k)
+	}
+	if n.meta.Opaque {
+		names = append(names, n.m.opts.OpaqueXattr)
+	}
+	sort.Strings(names)
+	var buf []byte
+	for _, k := range names {
+		buf = append(append(buf, k...), 0)
+	}
+	if len(dest) < len(buf) {
+		return uint32(len(buf)), syscall.ERANGE
+	}
+	return uint32(copy(dest, buf)), 0
+}
+
+func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	out.Bsize = 4096
+	out.Frsize = 4096
+	out.NameLen = 255
+	out.Files = uint64(n.m.layer.Info.Nodes)
+	return 0
+}
+
+func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	if n.meta.Type != metadata.TypeReg {
+		return nil, 0, syscall.EINVAL
+	}
+	n.m.stats.Opens.Add(1)
+	if n.meta.Size == 0 {
+		return emptyFile{}, fuse.FOPEN_KEEP_CACHE, 0
+	}
+	f, err := n.m.files.Open(ctx, n.meta)
+	if err != nil {
+		n.m.stats.OpenErrors.Add(1)
+		n.m.log.WithError(err).WithField("inode", n.meta.ID).WithField("digest", n.meta.Digest).
+			Error("cannot serve file content: reads fail with EIO")
+		return nil, 0, syscall.EIO
+	}
+	return &file{f: f, passthrough: n.m.opts.Passthrough, stats: n.m.stats}, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// file serves a regular file from its verified object.
+type file struct {
+	f           *os.File
+	passthrough bool
+	stats       *Stats
+}
+
+var (
+	_ fs.FileReader          = (*file)(nil)
+	_ fs.FileReleaser        = (*file)(nil)
+	_ fs.FilePassthroughFder = (*file)(nil)
+)
+
+func (f *file) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	f.stats.Reads.Add(1)
+	return fuse.ReadResultFd(f.f.Fd(), off, len(dest)), 0
+}
+
+func (f *file) PassthroughFd() (int, bool) {
+	if !f.passthrough {
+		return 0, false
+	}
+	return int(f.f.Fd()), true
+}
+
+func (f *file) Release(ctx context.Context) syscall.Errno {
+	f.f.Close()
+	return 0
+}
+
+type emptyFile struct{}
+
+func (emptyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	return fuse.ReadResultData(nil), 0
+}

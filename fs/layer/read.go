@@ -1,0 +1,93 @@
+package layer
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+
+	"github.com/lazycas/lazycas/metadata"
+)
+
+// ErrChunkDigest means fetched bytes did not match the TOC.
+var ErrChunkDigest = errors.New("chunk digest mismatch")
+
+// Range is a piece of the blob to read into Buf.
+type Range struct {
+	Off int64
+	Buf []byte
+}
+
+// RangeReader reads pieces of a blob; several ranges in one call let the
+// reader coalesce them into few requests.
+type RangeReader interface {
+	ReadRanges(ctx context.Context, ranges []Range) error
+}
+
+// maxBatch bounds the compressed bytes held in memory for one file at once.
+const maxBatch = 8 << 20
+
+// WriteFile fetches the chunks of regular file n, decompresses them, checks
+// each against its chunk digest and writes the file's content to w in
+// order. The caller checks the whole file against n.Digest.
+func WriteFile(ctx context.Context, r RangeReader, f Format, n *metadata.Node, w io.Writer) error {
+	if n.Type != metadata.TypeReg {
+		return fmt.Errorf("inode %d is not a regular file", n.ID)
+	}
+	dec, err := Decompressor(f)
+	if err != nil {
+		return err
+	}
+	chunks := n.Chunks
+	for len(chunks) > 0 {
+		// Chunks of a file are adjacent in the blob: read a batch of them
+		// as one range.
+		k := 1
+		for k < len(chunks) && chunks[k].End-chunks[0].Offset <= maxBatch && chunks[k].Offset >= chunks[k-1].Offset {
+			k++
+		}
+		batch := chunks[:k]
+		chunks = chunks[k:]
+		base := batch[0].Offset
+		buf := make([]byte, batch[k-1].End-base)
+		if err := r.ReadRanges(ctx, []Range{{Off: base, Buf: buf}}); err != nil {
+			return err
+		}
+		for _, c := range batch {
+			if err := writeChunk(dec, buf[c.Offset-base:c.End-base], c, w); err != nil {
+				return fmt.Errorf("chunk at file offset %d: %w", c.FileOffset, err)
+			}
+		}
+	}
+	return nil
+}
+
+func writeChunk(dec estargz.Decompressor, compressed []byte, c metadata.Chunk, w io.Writer) error {
+	zr, err := dec.Reader(bytes.NewReader(compressed))
+	if err != nil {
+		return fmt.Errorf("decompress: %w", err)
+	}
+	defer zr.Close()
+	if c.InnerOffset > 0 {
+		if _, err := io.CopyN(io.Discard, zr, c.InnerOffset); err != nil {
+			return fmt.Errorf("decompress: %w", err)
+		}
+	}
+	data := make([]byte, c.Size)
+	if _, err := io.ReadFull(zr, data); err != nil {
+		return fmt.Errorf("decompress: %w", err)
+	}
+	if c.Digest != "" {
+		sum := sha256.Sum256(data)
+		if got := "sha256:" + hex.EncodeToString(sum[:]); got != c.Digest {
+			return fmt.Errorf("%w: got %s, want %s", ErrChunkDigest, got, c.Digest)
+		}
+	}
+	_, err = w.Write(data)
+	return err
+}

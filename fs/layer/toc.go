@@ -1,0 +1,214 @@
+// Package layer reads lazily pullable layers: it finds and verifies the
+// table of contents of an eStargz or zstd:chunked blob, turns it into a
+// validated inode tree for metadata/, and fetches, decompresses and checks
+// the chunks of single files.
+//
+// The estargz module parses the formats; it does not validate them (it
+// cleans traversal names, lets duplicates win, accepts overlapping chunk
+// tables), so everything a TOC says is checked here before anything is
+// mounted.
+package layer
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/opencontainers/go-digest"
+)
+
+// Format is a lazy layer format.
+type Format string
+
+// The formats lazycas mounts.
+const (
+	FormatEStargz     Format = "estargz"
+	FormatZstdChunked Format = "zstdchunked"
+)
+
+// Annotations on a layer descriptor that pin its TOC.
+const (
+	// AnnotationTOCDigest is the sha256 of the TOC JSON (eStargz, and the
+	// zstd:chunked layers that the estargz module writes).
+	AnnotationTOCDigest = estargz.TOCJSONDigestAnnotation
+	// AnnotationZstdChunkedManifest is the sha256 of the compressed TOC of
+	// a zstd:chunked layer (as containers/storage writes it).
+	AnnotationZstdChunkedManifest = zstdchunked.ManifestChecksumAnnotation
+)
+
+// Limits on what a TOC may claim; beyond them a layer is not mounted lazily.
+const (
+	maxTOCCompressed = 256 << 20
+	maxTOCJSON       = 1 << 30
+)
+
+// ErrNotLazy means the blob has no footer and TOC of a known format.
+var ErrNotLazy = errors.New("not a lazy layer")
+
+// Pin is what the manifest says the TOC must hash to. At least one field
+// is required: a TOC that nothing pins is never trusted.
+type Pin struct {
+	TOCDigest         digest.Digest // of the TOC JSON
+	CompressedTOCDesc digest.Digest // of the compressed TOC bytes (zstd:chunked)
+}
+
+// PinFromAnnotations returns the pin a layer descriptor's annotations give.
+func PinFromAnnotations(a map[string]string) (Pin, bool) {
+	var p Pin
+	if v := a[AnnotationTOCDigest]; v != "" {
+		p.TOCDigest = digest.Digest(v)
+	}
+	if v := a[AnnotationZstdChunkedManifest]; v != "" {
+		p.CompressedTOCDesc = digest.Digest(v)
+	}
+	return p, p.TOCDigest != "" || p.CompressedTOCDesc != ""
+}
+
+// TOC is a verified table of contents.
+type TOC struct {
+	Format Format
+	// Offset is where the TOC starts in the blob: the end of file data.
+	Offset int64
+	// Digest is the sha256 of the TOC JSON.
+	Digest  digest.Digest
+	Entries []*estargz.TOCEntry
+}
+
+// decompressor is what lazycas needs of a format: the estargz module's
+// implementations have DecompressTOC, its interface does not.
+type decompressor interface {
+	estargz.Decompressor
+	DecompressTOC(io.Reader) (io.ReadCloser, error)
+}
+
+// Decompressor returns the chunk decompressor of a format.
+func Decompressor(f Format) (estargz.Decompressor, error) {
+	return decompressorOf(f)
+}
+
+func decompressorOf(f Format) (decompressor, error) {
+	switch f {
+	case FormatEStargz:
+		return new(estargz.GzipDecompressor), nil
+	case FormatZstdChunked:
+		return new(zstdchunked.Decompressor), nil
+	}
+	return nil, fmt.Errorf("unknown layer format %q", f)
+}
+
+// ReadTOC reads the footer and TOC of a blob of the given size through r
+// and checks the TOC against pin. It reads only the blob's tail.
+func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, error) {
+	if pin.TOCDigest == "" && pin.CompressedTOCDesc == "" {
+		return nil, errors.New("no TOC digest annotation to verify the TOC against")
+	}
+	for _, d := range []digest.Digest{pin.TOCDigest, pin.CompressedTOCDesc} {
+		if d != "" && (d.Algorithm() != digest.SHA256 || d.Validate() != nil) {
+			return nil, fmt.Errorf("invalid TOC digest annotation %q", d)
+		}
+	}
+	formats := []Format{FormatEStargz, FormatZstdChunked}
+	var footerLen int64
+	for _, f := range formats {
+		d, _ := decompressorOf(f)
+		footerLen = max(footerLen, d.FooterSize())
+	}
+	if size < footerLen {
+		return nil, fmt.Errorf("blob of %d bytes is too small for a footer: %w", size, ErrNotLazy)
+	}
+	footer := make([]byte, footerLen)
+	if err := readAt(r, footer, size-footerLen); err != nil {
+		return nil, fmt.Errorf("read footer: %w", err)
+	}
+	var errs []error
+	for _, f := range formats {
+		d, _ := decompressorOf(f)
+		fs := d.FooterSize()
+		_, tocOff, tocSize, err := d.ParseFooter(footer[footerLen-fs:])
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s footer: %w", f, err))
+			continue
+		}
+		if tocSize <= 0 {
+			tocSize = size - tocOff - fs
+		}
+		// Compared without adding: the footer's numbers are untrusted and
+		// their sum may overflow.
+		if tocOff <= 0 || tocSize <= 0 || tocOff > size-fs || tocSize > size-fs-tocOff {
+			return nil, fmt.Errorf("%s footer points at bytes %d+%d outside a %d-byte blob", f, tocOff, tocSize, size)
+		}
+		if tocSize > maxTOCCompressed {
+			return nil, fmt.Errorf("%s TOC of %d bytes exceeds the limit of %d", f, tocSize, maxTOCCompressed)
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		raw := make([]byte, tocSize)
+		if err := readAt(r, raw, tocOff); err != nil {
+			return nil, fmt.Errorf("read %s TOC: %w", f, err)
+		}
+		if pin.CompressedTOCDesc != "" {
+			if got := digest.FromBytes(raw); got != pin.CompressedTOCDesc {
+				return nil, fmt.Errorf("compressed TOC hashes to %s, the manifest says %s", got, pin.CompressedTOCDesc)
+			}
+		}
+		toc, err := decodeTOC(d, raw)
+		if err != nil {
+			return nil, fmt.Errorf("%s TOC: %w", f, err)
+		}
+		if pin.TOCDigest != "" && toc.Digest != pin.TOCDigest {
+			return nil, fmt.Errorf("TOC hashes to %s, the manifest says %s", toc.Digest, pin.TOCDigest)
+		}
+		toc.Format, toc.Offset = f, tocOff
+		return toc, nil
+	}
+	return nil, fmt.Errorf("%w: %w", ErrNotLazy, errors.Join(errs...))
+}
+
+// readAt fills p from offset off of r. An io.ReaderAt may return io.EOF
+// with a full read that ends at the end of its data.
+func readAt(r io.ReaderAt, p []byte, off int64) error {
+	n, err := r.ReadAt(p, off)
+	if n == len(p) && (err == nil || errors.Is(err, io.EOF)) {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// decodeTOC decompresses and decodes a TOC, bounding the JSON it inflates to.
+func decodeTOC(d decompressor, raw []byte) (*TOC, error) {
+	rc, err := d.DecompressTOC(bytes.NewReader(raw))
+	if err != nil {
+		return nil, fmt.Errorf("decompress: %w", err)
+	}
+	defer rc.Close()
+	h := sha256.New()
+	lr := &io.LimitedReader{R: rc, N: maxTOCJSON + 1}
+	var jtoc estargz.JTOC
+	dec := json.NewDecoder(io.TeeReader(lr, h))
+	if err := dec.Decode(&jtoc); err != nil {
+		if lr.N <= 0 {
+			return nil, fmt.Errorf("TOC JSON exceeds %d bytes", maxTOCJSON)
+		}
+		return nil, fmt.Errorf("decode JSON: %w", err)
+	}
+	// The digest covers the whole JSON document, including what the
+	// decoder had not consumed yet (trailing whitespace).
+	if _, err := io.Copy(h, lr); err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if lr.N <= 0 {
+		return nil, fmt.Errorf("TOC JSON exceeds %d bytes", maxTOCJSON)
+	}
+	return &TOC{Digest: digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(h.Sum(nil))), Entries: jtoc.Entries}, nil
+}

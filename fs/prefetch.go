@@ -1,0 +1,168 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/lazycas/lazycas/fs/layer"
+	"github.com/lazycas/lazycas/metadata"
+)
+
+// Grouping of small files into one range request while prefetching.
+const (
+	groupSpan = 4 << 20  // compressed bytes one group may span
+	groupGap  = 64 << 10 // a larger hole between files starts a new group
+)
+
+// startFetch starts fetching the layer's files in the background: the
+// prefetch list first, then (with Background) the rest. Files the store
+// has are skipped; a read by a container never waits behind this queue,
+// it fetches its file itself (or joins this fetch of the same file).
+func (m *mounted) startFetch(ctx context.Context) {
+	ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	go func() {
+		defer close(m.done)
+		if !m.fs.opts.Prefetch && !m.fs.opts.Background {
+			return
+		}
+		start := time.Now()
+		files, bytes, err := m.fetchAll(ctx)
+		l := log.G(ctx).WithFields(log.Fields{
+			"key": m.key, "layer": m.meta.Info.Digest, "files": files, "bytes": bytes,
+			"took": time.Since(start).Round(time.Millisecond),
+		})
+		switch {
+		case errors.Is(err, context.Canceled):
+			l.Debug("layer fetch stopped")
+		case err != nil:
+			l.WithError(err).Warn("layer fetch incomplete: the rest is fetched when read")
+		default:
+			l.Info("layer fetched")
+		}
+	}()
+}
+
+// fetchAll returns how many files and bytes it put into the store.
+func (m *mounted) fetchAll(ctx context.Context) (files int, bytes int64, err error) {
+	var order []*metadata.Node
+	seen := map[string]bool{}
+	add := func(n *metadata.Node) {
+		if n.Type == metadata.TypeReg && n.Size > 0 && !seen[n.Digest] && len(n.Chunks) > 0 {
+			seen[n.Digest] = true
+			order = append(order, n)
+		}
+	}
+	if m.fs.opts.Prefetch {
+		for _, id := range m.meta.Info.Prefetch {
+			n, err := m.meta.Node(id)
+			if err != nil {
+				return 0, 0, err
+			}
+			add(n)
+		}
+	}
+	if m.fs.opts.Background {
+		if err := m.meta.Walk(func(n *metadata.Node) error { add(n); return nil }); err != nil {
+			return 0, 0, err
+		}
+	}
+
+	groups := make(chan []*metadata.Node)
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+	)
+	for range m.fs.opts.FetchConcurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for g := range groups {
+				n, b, err := m.fetchGroup(ctx, g)
+				mu.Lock()
+				files += n
+				bytes += b
+				if err != nil && len(errs) < 8 {
+					errs = append(errs, err)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	var group []*metadata.Node
+	flush := func() bool {
+		if len(group) == 0 {
+			return true
+		}
+		select {
+		case groups <- group:
+			group = nil
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	for _, n := range order {
+		if m.fs.store.Has(digest.Digest(n.Digest)) {
+			continue
+		}
+		if len(group) > 0 {
+			first, last := group[0], group[len(group)-1]
+			start, end := first.Chunks[0].Offset, last.Chunks[len(last.Chunks)-1].End
+			nStart, nEnd := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
+			if nStart < end || nStart-end > groupGap || nEnd-start > groupSpan {
+				if !flush() {
+					break
+				}
+			}
+		}
+		group = append(group, n)
+	}
+	flush()
+	close(groups)
+	wg.Wait()
+	if ctx.Err() != nil {
+		return files, bytes, ctx.Err()
+	}
+	return files, bytes, errors.Join(errs...)
+}
+
+// fetchGroup fetches files adjacent in the blob with one range read, then
+// seals each into the store.
+func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node) (files int, bytes int64, err error) {
+	var pre *prefetched
+	first, last := g[0], g[len(g)-1]
+	start, end := first.Chunks[0].Offset, last.Chunks[len(last.Chunks)-1].End
+	if len(g) > 1 && end-start <= groupSpan {
+		b, err := m.remoteBlob(ctx)
+		if err != nil {
+			return 0, 0, err
+		}
+		buf := make([]byte, end-start)
+		if err := (blobRanges{b}).ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
+			return 0, 0, err
+		}
+		pre = &prefetched{off: start, buf: buf}
+	}
+	var errs []error
+	for _, n := range g {
+		if ctx.Err() != nil {
+			return files, bytes, ctx.Err()
+		}
+		if m.fs.store.Has(digest.Digest(n.Digest)) {
+			continue
+		}
+		if err := m.ensure(ctx, n, pre); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		files++
+		bytes += n.Size
+	}
+	return files, bytes, errors.Join(errs...)
+}

@@ -1,0 +1,219 @@
+package testenv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// registryBinary is Debian's docker-registry (distribution 2.8).
+const registryBinary = "/usr/bin/docker-registry"
+
+// containerdBinary is Debian's containerd 1.6.
+const containerdBinary = "/usr/bin/containerd"
+
+// registryConfig logs at the registry's quietest level, "error" (which
+// still includes the 404s of a push's existence checks), without access logs.
+const registryConfig = `version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: %s
+`
+
+// startRegistry starts the registry on a free loopback port. The port is
+// found by binding and releasing it, so a lost race is retried.
+func (e *Env) startRegistry(ctx context.Context) error {
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			return err
+		}
+		host := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		cfg := filepath.Join(e.Dir, "registry.yml")
+		storage := filepath.Join(e.Dir, "registry")
+		if err := os.WriteFile(cfg, fmt.Appendf(nil, registryConfig, storage, host), 0o644); err != nil {
+			return err
+		}
+		p, err := startProcess("registry", filepath.Join(e.Dir, registryLog), registryBinary, "serve", cfg)
+		if err != nil {
+			return err
+		}
+		hc := &http.Client{Timeout: 2 * time.Second}
+		lastErr = p.waitFor(readyTimeout, func() error {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			resp, err := hc.Get("http://" + host + "/v2/")
+			if err != nil {
+				return err
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("GET /v2/: %s", resp.Status)
+			}
+			return nil
+		})
+		if lastErr == nil {
+			e.registry, e.RegistryHost = p, host
+			return nil
+		}
+		_ = p.stop(stopGrace)
+	}
+	return lastErr
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// startDaemon starts lazycas on DaemonRoot and DaemonAddress and waits
+// until a snapshots List through containerd's proxy client succeeds.
+func (e *Env) startDaemon(ctx context.Context) error {
+	cfg := filepath.Join(e.Dir, "lazycas.toml")
+	if err := os.WriteFile(cfg, []byte(e.opts.DaemonConfig), 0o644); err != nil {
+		return err
+	}
+	p, err := startProcess("lazycas", filepath.Join(e.Dir, daemonLog), e.opts.DaemonPath,
+		"--root", e.DaemonRoot, "--address", e.DaemonAddress, "--log-level", "debug", "--config", cfg)
+	if err != nil {
+		return err
+	}
+	e.daemon = p
+	return p.waitFor(readyTimeout, func() error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return e.pingDaemon(ctx)
+	})
+}
+
+// pingDaemon lists the daemon's snapshots directly over its socket; the
+// daemon is ready when a whole List succeeds (an empty root lists as empty).
+func (e *Env) pingDaemon(ctx context.Context) error {
+	conn, err := grpc.NewClient("unix://"+e.DaemonAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("dial lazycas: %w", err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	stream, err := snapshotsapi.NewSnapshotsClient(conn).List(ctx, &snapshotsapi.ListSnapshotsRequest{Snapshotter: Snapshotter})
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return fmt.Errorf("list snapshots: %w", err)
+}
+
+// DaemonSnapshotter connects to the lazycas socket directly, bypassing
+// containerd. Call the returned function to close the connection.
+func (e *Env) DaemonSnapshotter() (snapshots.Snapshotter, func(), error) {
+	conn, err := grpc.NewClient("unix://"+e.DaemonAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial lazycas: %w", err)
+	}
+	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), Snapshotter), func() { conn.Close() }, nil
+}
+
+// RestartDaemon stops the lazycas daemon (SIGTERM, SIGKILL after a grace
+// period) and starts it again on the same root and socket.
+func (e *Env) RestartDaemon(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.daemon.stop(stopGrace); err != nil {
+		return fmt.Errorf("stop lazycas: %w", err)
+	}
+	if err := e.startDaemon(ctx); err != nil {
+		return fmt.Errorf("restart lazycas: %w\n%s", err, e.LogTail(20))
+	}
+	return nil
+}
+
+const containerdConfig = `version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = %q
+
+[ttrpc]
+  address = %q
+
+[debug]
+  level = "info"
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = %q
+
+[proxy_plugins]
+  [proxy_plugins.lazycas]
+    type = "snapshot"
+    address = %q
+`
+
+// startContainerd starts a private containerd whose proxy snapshotter
+// "lazycas" is the daemon, and connects Client to it.
+func (e *Env) startContainerd(ctx context.Context) error {
+	cfg := filepath.Join(e.Dir, "containerd.toml")
+	root := filepath.Join(e.Dir, "containerd")
+	body := fmt.Sprintf(containerdConfig, root, filepath.Join(e.RunDir, "state"), e.ContainerdAddress,
+		e.ContainerdAddress+".ttrpc", filepath.Join(root, "opt"), e.DaemonAddress)
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		return err
+	}
+	p, err := startProcess("containerd", filepath.Join(e.Dir, containerdLog), containerdBinary, "--config", cfg)
+	if err != nil {
+		return err
+	}
+	e.ctrd = p
+	return p.waitFor(readyTimeout, func() error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		c, err := client.New(e.ContainerdAddress, client.WithDefaultNamespace(e.Namespace),
+			client.WithTimeout(2*time.Second))
+		if err != nil {
+			return err
+		}
+		vctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if _, err := c.Version(vctx); err != nil {
+			c.Close()
+			return err
+		}
+		e.Client = c
+		return nil
+	})
+}

@@ -1,0 +1,192 @@
+// Package testenv runs lazycas end to end on this machine: a real registry
+// (Debian's docker-registry), a private containerd 1.6 whose proxy plugin
+// "lazycas" is the lazycas daemon, and that daemon, all in one private work
+// directory. The integration tests and the demo use it; production code
+// must not import it.
+//
+// Contract: Start either returns a running environment or cleans up what it
+// started. Close always stops every process the environment started (and
+// the containerd shims they left), unmounts everything under its
+// directories, and removes them; it is safe after a half-finished Start or
+// a failed test, and idempotent. Nothing here touches the host's own
+// containerd: sockets, state and roots are private.
+package testenv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+)
+
+// Snapshotter is the name containerd knows lazycas by.
+const Snapshotter = "lazycas"
+
+// DefaultNamespace is the containerd namespace the environment works in.
+const DefaultNamespace = "lazycas-test"
+
+// Timeouts of the environment's own steps.
+const (
+	readyTimeout = 30 * time.Second // a daemon starting to answer
+	stopGrace    = 15 * time.Second // SIGTERM before SIGKILL
+)
+
+// Options configure Start.
+type Options struct {
+	// WorkDir is the environment's private directory; it must exist and
+	// is removed by Close. Required.
+	WorkDir string
+	// DaemonPath is the containerd-lazycas-grpc binary. Required.
+	DaemonPath string
+	// DaemonConfig is the content of the daemon's TOML config; empty means
+	// all defaults.
+	DaemonConfig string
+	// Namespace is the containerd namespace; DefaultNamespace when empty.
+	Namespace string
+	// Logf receives progress messages; nil discards them.
+	Logf func(format string, args ...any)
+}
+
+// Env is a running registry, containerd and lazycas daemon.
+type Env struct {
+	// Dir is the work directory; RunDir a short directory under /run for
+	// sockets and containerd's state (unix socket paths must stay short).
+	Dir, RunDir string
+	// RegistryHost is the registry's host:port on the loopback.
+	RegistryHost string
+	// ContainerdAddress is containerd's gRPC socket.
+	ContainerdAddress string
+	// DaemonAddress is lazycas's socket; DaemonRoot its root directory.
+	DaemonAddress, DaemonRoot string
+	// Namespace is the containerd namespace of Context.
+	Namespace string
+	// Client is connected to containerd, with Namespace as its default.
+	Client *client.Client
+
+	opts      Options
+	logf      func(format string, args ...any)
+	mu        sync.Mutex // guards the processes during restart and close
+	registry  *process
+	ctrd      *process
+	daemon    *process
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Log files in the work directory, one per daemon.
+const (
+	registryLog   = "registry.log"
+	containerdLog = "containerd.log"
+	daemonLog     = "lazycas.log"
+)
+
+// Start starts the registry, the lazycas daemon and containerd, and waits
+// until each answers. On error everything started is stopped and removed.
+func Start(ctx context.Context, opts Options) (_ *Env, err error) {
+	if opts.WorkDir == "" || opts.DaemonPath == "" {
+		return nil, errors.New("testenv: WorkDir and DaemonPath are required")
+	}
+	dir, err := filepath.Abs(opts.WorkDir)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(opts.DaemonPath); err != nil {
+		return nil, fmt.Errorf("lazycas daemon binary: %w", err)
+	}
+	runDir, err := os.MkdirTemp("/run", "lzc-")
+	if err != nil {
+		return nil, fmt.Errorf("socket dir: %w", err)
+	}
+	e := &Env{
+		Dir:               dir,
+		RunDir:            runDir,
+		ContainerdAddress: filepath.Join(runDir, "containerd.sock"),
+		DaemonAddress:     filepath.Join(runDir, "lazycas.sock"),
+		DaemonRoot:        filepath.Join(dir, "lazycas"),
+		Namespace:         opts.Namespace,
+		opts:              opts,
+		logf:              opts.Logf,
+	}
+	if e.Namespace == "" {
+		e.Namespace = DefaultNamespace
+	}
+	if e.logf == nil {
+		e.logf = func(string, ...any) {}
+	}
+	defer func() {
+		if err != nil {
+			if cerr := e.Close(); cerr != nil {
+				err = errors.Join(err, fmt.Errorf("cleanup after failed start: %w", cerr))
+			}
+		}
+	}()
+	steps := []struct {
+		what string
+		fn   func(context.Context) error
+	}{
+		{"registry", e.startRegistry},
+		{"lazycas daemon", e.startDaemon},
+		{"containerd", e.startContainerd},
+	}
+	for _, s := range steps {
+		start := time.Now()
+		if err := s.fn(ctx); err != nil {
+			return nil, fmt.Errorf("start %s: %w\n%s", s.what, err, e.LogTail(20))
+		}
+		e.logf("%s started in %s", s.what, time.Since(start).Round(time.Millisecond))
+	}
+	return e, nil
+}
+
+// Context returns ctx in the environment's containerd namespace.
+func (e *Env) Context(ctx context.Context) context.Context {
+	return namespaces.WithNamespace(ctx, e.Namespace)
+}
+
+// Close stops and removes everything; see the package comment.
+func (e *Env) Close() error {
+	e.closeOnce.Do(func() { e.closeErr = e.close() })
+	return e.closeErr
+}
+
+func (e *Env) close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var errs []error
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if e.Client != nil {
+		if err := e.removeAllContainers(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		e.Client.Close()
+	}
+	if err := e.ctrd.stop(stopGrace); err != nil {
+		errs = append(errs, err)
+	}
+	if err := killShims(e.ContainerdAddress); err != nil {
+		errs = append(errs, err)
+	}
+	if err := e.daemon.stop(stopGrace); err != nil {
+		errs = append(errs, err)
+	}
+	if err := e.registry.stop(stopGrace); err != nil {
+		errs = append(errs, err)
+	}
+	for _, d := range []string{e.RunDir, e.Dir} {
+		if err := unmountUnder(d); err != nil {
+			errs = append(errs, err)
+			continue // never remove through a mount
+		}
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,333 @@
+// Package store is lazycas's shared content-addressed object store: every
+// regular file any lazily mounted layer serves lives here once, named by the
+// sha256 of its content, whichever layers and images hold it.
+//
+// Layout under the store directory:
+//
+//	objects/sha256/<2 hex>/<64 hex>   sealed objects, read-only (0444)
+//	tmp/                              objects being filled; swept at Open
+//	index.db                          bbolt: per object size, last use, referencing layers
+//
+// Contract: an object is visible under objects/ only after its content was
+// checked against its name and fsync'd; it got there by one atomic rename, so
+// a crash leaves at worst a temporary file, never a partial or wrong object.
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	bolt "go.etcd.io/bbolt"
+)
+
+// ErrNotFound is returned for an object the store does not hold.
+var ErrNotFound = errors.New("object not in store")
+
+// ErrDigestMismatch is returned when filled content is not what its name says.
+var ErrDigestMismatch = errors.New("content does not match digest")
+
+var (
+	bucketObjects = []byte("objects") // digest -> record
+	bucketLayers  = []byte("layers")  // layer key -> bucket of digest -> nil
+)
+
+// Store is the object store. It is safe for concurrent use.
+type Store struct {
+	dir string
+	db  *bolt.DB
+
+	mu       sync.Mutex
+	inflight map[digest.Digest]*fill
+
+	fetchedBytes atomic.Int64
+	fetchedFiles atomic.Int64
+}
+
+// fill is one fetch of an object that concurrent callers wait for.
+type fill struct {
+	done chan struct{}
+	err  error
+}
+
+// Open opens (creating if needed) the store in dir.
+func Open(ctx context.Context, dir string) (*Store, error) {
+	for _, d := range []string{filepath.Join(dir, "objects", "sha256"), filepath.Join(dir, "tmp")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+	}
+	// Temporary files belong to fills of a previous process: not one of
+	// them was sealed, so none of them is worth keeping.
+	if tmps, err := os.ReadDir(filepath.Join(dir, "tmp")); err == nil {
+		for _, t := range tmps {
+			_ = os.Remove(filepath.Join(dir, "tmp", t.Name()))
+		}
+	}
+	db, err := bolt.Open(filepath.Join(dir, "index.db"), 0o600, &bolt.Options{Timeout: 3 * time.Second})
+	if errors.Is(err, bolt.ErrTimeout) {
+		return nil, fmt.Errorf("store: %s is locked by another process (another daemon on this root?): %w", filepath.Join(dir, "index.db"), err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("store: open index: %w", err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketObjects, bucketLayers} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: init index: %w", err)
+	}
+	log.G(ctx).WithField("dir", dir).Debug("store opened")
+	return &Store{dir: dir, db: db, inflight: map[digest.Digest]*fill{}}, nil
+}
+
+// Close closes the index. Fills still running fail to record themselves.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Dir is the store's directory.
+func (s *Store) Dir() string { return s.dir }
+
+func (s *Store) path(d digest.Digest) string {
+	return filepath.Join(s.dir, "objects", "sha256", d.Encoded()[:2], d.Encoded())
+}
+
+func validate(d digest.Digest) error {
+	if d.Algorithm() != digest.SHA256 {
+		return fmt.Errorf("store: unsupported digest %q", d)
+	}
+	return d.Validate()
+}
+
+// Has reports whether the sealed object d is present.
+func (s *Store) Has(d digest.Digest) bool {
+	if validate(d) != nil {
+		return false
+	}
+	_, err := os.Stat(s.path(d))
+	return err == nil
+}
+
+// Open opens the sealed object d for reading.
+func (s *Store) Open(d digest.Digest) (*os.File, error) {
+	if err := validate(d); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(s.path(d))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	return f, err
+}
+
+// FillFunc writes an object's whole content to w.
+type FillFunc func(ctx context.Context, w io.Writer) error
+
+// Ensure makes object d of the given size present. When it is missing, fn
+// writes its content, which is checked against d and size before it is
+// sealed. Concurrent calls for one digest run fn once and share its result;
+// fetched reports whether this call's fn ran.
+func (s *Store) Ensure(ctx context.Context, d digest.Digest, size int64, fn FillFunc) (fetched bool, err error) {
+	if err := validate(d); err != nil {
+		return false, err
+	}
+	for attempt := 0; ; attempt++ {
+		if s.Has(d) {
+			return false, nil
+		}
+		s.mu.Lock()
+		f, waiting := s.inflight[d]
+		if !waiting {
+			f = &fill{done: make(chan struct{})}
+			s.inflight[d] = f
+		}
+		s.mu.Unlock()
+		if !waiting {
+			f.err = s.fill(ctx, d, size, fn)
+			s.mu.Lock()
+			delete(s.inflight, d)
+			s.mu.Unlock()
+			close(f.done)
+			return f.err == nil, f.err
+		}
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return false, ctx.Err()
+		}
+		if f.err == nil {
+			return false, nil
+		}
+		// The fill we waited for failed, perhaps only because its caller
+		// gave up: try once ourselves before reporting its error.
+		if attempt > 0 || ctx.Err() != nil {
+			return false, f.err
+		}
+	}
+}
+
+func (s *Store) fill(ctx context.Context, d digest.Digest, size int64, fn FillFunc) error {
+	tmp, err := os.CreateTemp(filepath.Join(s.dir, "tmp"), d.Encoded()[:12]+"-")
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	defer func() {
+		if tmp != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	h := sha256.New()
+	cw := &countingWriter{w: io.MultiWriter(tmp, h)}
+	if err := fn(ctx, cw); err != nil {
+		return fmt.Errorf("fill %s: %w", d, err)
+	}
+	if cw.n != size {
+		return fmt.Errorf("fill %s: got %d bytes, want %d: %w", d, cw.n, size, ErrDigestMismatch)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != d.Encoded() {
+		return fmt.Errorf("fill %s: content hashes to sha256:%s: %w", d, got, ErrDigestMismatch)
+	}
+	if err := tmp.Chmod(0o444); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("store: sync %s: %w", d, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	final := s.path(d)
+	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), final); err != nil {
+		return fmt.Errorf("store: seal %s: %w", d, err)
+	}
+	tmp = nil
+	// The rename must survive a crash before anyone relies on the object.
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return fmt.Errorf("store: seal %s: %w", d, err)
+	}
+	s.fetchedBytes.Add(size)
+	s.fetchedFiles.Add(1)
+	if err := s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketObjects).Put([]byte(d), encodeRecord(size, time.Now()))
+	}); err != nil {
+		// The object is sealed and valid; only its bookkeeping is missing,
+		// which Stats and a later GC recover from the directory.
+		log.G(ctx).WithError(err).WithField("digest", d).Warn("store: index sealed object")
+	}
+	return nil
+}
+
+// AddRefs records that layer holds the objects ds, so that they outlive
+// unreferenced ones when the store is trimmed.
+func (s *Store) AddRefs(layer string, ds []digest.Digest) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.Bucket(bucketLayers).CreateBucketIfNotExists([]byte(layer))
+		if err != nil {
+			return err
+		}
+		for _, d := range ds {
+			if err := b.Put([]byte(d), nil); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// ReleaseLayer forgets every reference of layer.
+func (s *Store) ReleaseLayer(layer string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		err := tx.Bucket(bucketLayers).DeleteBucket([]byte(layer))
+		if errors.Is(err, bolt.ErrBucketNotFound) {
+			return nil
+		}
+		return err
+	})
+}
+
+// Stats describes the store.
+type Stats struct {
+	Objects int64 `json:"objects"`
+	// Bytes is the content size of the sealed objects.
+	Bytes int64 `json:"bytes"`
+	// Layers is the number of layers holding references.
+	Layers int64 `json:"layers"`
+	// FetchedFiles and FetchedBytes count objects sealed since Open.
+	FetchedFiles int64 `json:"fetchedFiles"`
+	FetchedBytes int64 `json:"fetchedBytes"`
+}
+
+// Stats returns the store's figures from its index.
+func (s *Store) Stats() (Stats, error) {
+	st := Stats{FetchedFiles: s.fetchedFiles.Load(), FetchedBytes: s.fetchedBytes.Load()}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketObjects).ForEach(func(_, v []byte) error {
+			size, _ := decodeRecord(v)
+			st.Objects++
+			st.Bytes += size
+			return nil
+		}); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketLayers).ForEach(func(_, v []byte) error {
+			if v == nil { // a nested bucket: one layer
+				st.Layers++
+			}
+			return nil
+		})
+	})
+	return st, err
+}
+
+func encodeRecord(size int64, used time.Time) []byte {
+	b := make([]byte, 16)
+	binary.BigEndian.PutUint64(b, uint64(size))
+	binary.BigEndian.PutUint64(b[8:], uint64(used.UnixNano()))
+	return b
+}
+
+func decodeRecord(b []byte) (size int64, used time.Time) {
+	if len(b) < 16 {
+		return 0, time.Time{}
+	}
+	return int64(binary.BigEndian.Uint64(b)), time.Unix(0, int64(binary.BigEndian.Uint64(b[8:])))
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}

@@ -1,0 +1,215 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func open(t *testing.T) (*Store, string) {
+	t.Helper()
+	dir := t.TempDir()
+	s, err := Open(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, dir
+}
+
+func writeString(s string) FillFunc {
+	return func(_ context.Context, w io.Writer) error {
+		_, err := io.WriteString(w, s)
+		return err
+	}
+}
+
+func TestEnsureSealsVerifiedContent(t *testing.T) {
+	s, _ := open(t)
+	ctx := context.Background()
+	content := "hello, store"
+	d := digest.FromString(content)
+	fetched, err := s.Ensure(ctx, d, int64(len(content)), writeString(content))
+	if err != nil || !fetched {
+		t.Fatalf("Ensure = %v, %v; want fetched", fetched, err)
+	}
+	fetched, err = s.Ensure(ctx, d, int64(len(content)), func(context.Context, io.Writer) error {
+		t.Error("fill ran for an object the store has")
+		return nil
+	})
+	if err != nil || fetched {
+		t.Fatalf("second Ensure = %v, %v", fetched, err)
+	}
+	f, err := s.Open(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got, _ := io.ReadAll(f)
+	if string(got) != content {
+		t.Fatalf("object holds %q", got)
+	}
+	fi, _ := f.Stat()
+	if fi.Mode().Perm() != 0o444 {
+		t.Errorf("object mode %v, want read-only", fi.Mode())
+	}
+	st, err := s.Stats()
+	if err != nil || st.Objects != 1 || st.Bytes != int64(len(content)) || st.FetchedFiles != 1 {
+		t.Errorf("stats = %+v, %v", st, err)
+	}
+}
+
+func TestEnsureRejectsWrongContentAndLeavesNothing(t *testing.T) {
+	s, dir := open(t)
+	ctx := context.Background()
+	d := digest.FromString("right")
+	for name, tc := range map[string]struct {
+		size int64
+		fill FillFunc
+		want error
+	}{
+		"other bytes":   {5, writeString("wrong"), ErrDigestMismatch},
+		"short":         {5, writeString("rig"), ErrDigestMismatch},
+		"long":          {5, writeString("rightt"), ErrDigestMismatch},
+		"fill fails":    {5, func(context.Context, io.Writer) error { return io.ErrUnexpectedEOF }, io.ErrUnexpectedEOF},
+		"right, size 4": {4, writeString("right"), ErrDigestMismatch},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := s.Ensure(ctx, d, tc.size, tc.fill)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), d.String()) {
+				t.Errorf("error %q does not name the object", err)
+			}
+			if s.Has(d) {
+				t.Fatal("a bad fill became visible")
+			}
+			if tmps, _ := os.ReadDir(filepath.Join(dir, "tmp")); len(tmps) != 0 {
+				t.Errorf("%d temporary files left", len(tmps))
+			}
+		})
+	}
+	if _, err := s.Ensure(ctx, "sha512:abc", 1, writeString("x")); err == nil {
+		t.Error("a non-sha256 digest was accepted")
+	}
+	if _, err := s.Open(d); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Open of a missing object = %v", err)
+	}
+}
+
+func TestConcurrentEnsureFillsOnce(t *testing.T) {
+	s, _ := open(t)
+	ctx := context.Background()
+	content := strings.Repeat("shared file ", 100000)
+	d := digest.FromString(content)
+	var fills atomic.Int32
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := s.Ensure(ctx, d, int64(len(content)), func(_ context.Context, w io.Writer) error {
+				fills.Add(1)
+				<-release
+				_, err := io.WriteString(w, content)
+				return err
+			})
+			errs <- err
+		}()
+	}
+	close(release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := fills.Load(); n != 1 {
+		t.Fatalf("content filled %d times, want once", n)
+	}
+}
+
+// A waiter whose leader failed retries once itself instead of inheriting a
+// failure that may only have been the leader's cancelled context.
+func TestWaiterRetriesAfterFailedLeader(t *testing.T) {
+	s, _ := open(t)
+	ctx := context.Background()
+	content := "retry me"
+	d := digest.FromString(content)
+	leaderIn := make(chan struct{})
+	leaderGo := make(chan struct{})
+	go func() {
+		_, _ = s.Ensure(ctx, d, int64(len(content)), func(context.Context, io.Writer) error {
+			close(leaderIn)
+			<-leaderGo
+			return fmt.Errorf("leader cancelled")
+		})
+	}()
+	<-leaderIn
+	done := make(chan error)
+	go func() {
+		_, err := s.Ensure(ctx, d, int64(len(content)), writeString(content))
+		done <- err
+	}()
+	close(leaderGo)
+	if err := <-done; err != nil {
+		t.Fatalf("waiter: %v", err)
+	}
+	if !s.Has(d) {
+		t.Fatal("object missing after the waiter's own fill")
+	}
+}
+
+func TestOpenSweepsTemporaryFilesAndKeepsObjects(t *testing.T) {
+	s, dir := open(t)
+	ctx := context.Background()
+	d := digest.FromString("kept")
+	if _, err := s.Ensure(ctx, d, 4, writeString("kept")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddRefs("layer-a", []digest.Digest{d}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// What a crash during a fill leaves behind.
+	if err := os.WriteFile(filepath.Join(dir, "tmp", "partial"), []byte("ke"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if tmps, _ := os.ReadDir(filepath.Join(dir, "tmp")); len(tmps) != 0 {
+		t.Errorf("temporary files survived reopening: %d", len(tmps))
+	}
+	if !s2.Has(d) {
+		t.Fatal("sealed object lost across reopen")
+	}
+	st, err := s2.Stats()
+	if err != nil || st.Objects != 1 || st.Layers != 1 {
+		t.Errorf("stats after reopen = %+v, %v", st, err)
+	}
+	if err := s2.ReleaseLayer("layer-a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.ReleaseLayer("layer-a"); err != nil {
+		t.Fatalf("releasing twice: %v", err)
+	}
+	if st, _ := s2.Stats(); st.Layers != 0 {
+		t.Errorf("layers after release = %d", st.Layers)
+	}
+}
