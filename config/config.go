@@ -25,6 +25,8 @@ const (
 	DefaultAddress   = "/run/lazycas/lazycas.sock"
 	DefaultLogLevel  = "info"
 	DefaultLogFormat = "text"
+	// DefaultContainerdAddress is containerd's default socket.
+	DefaultContainerdAddress = "/run/containerd/containerd.sock"
 )
 
 // CurrentVersion is the only config schema version this build understands.
@@ -46,6 +48,7 @@ type Config struct {
 
 	Snapshotter Snapshotter `toml:"snapshotter"`
 	FS          FS          `toml:"fs"`
+	Containerd  Containerd  `toml:"containerd"`
 	Remote      Remote      `toml:"remote"`
 }
 
@@ -67,6 +70,15 @@ type FS struct {
 	FetchConcurrency int `toml:"fetch_concurrency"`
 	// Debug logs every FUSE request (very verbose).
 	Debug bool `toml:"debug"`
+}
+
+// Containerd says where the containerd this daemon serves listens. lazycas
+// asks it, when a client pulls without image labels, which image a lazy
+// layer belongs to.
+type Containerd struct {
+	// Address is containerd's gRPC socket; empty disables the lookup
+	// (such layers are then unpacked).
+	Address string `toml:"address"`
 }
 
 // Remote configures registry access for lazy layers.
@@ -119,7 +131,8 @@ func Default() Config {
 		FS: FS{
 			Lazy: true, Passthrough: true, Prefetch: true, BackgroundFetch: true, FetchConcurrency: 4,
 		},
-		Remote: Remote{RequestTimeout: Duration{30 * time.Second}, Retries: 4, MaxInFlight: 4},
+		Containerd: Containerd{Address: DefaultContainerdAddress},
+		Remote:     Remote{RequestTimeout: Duration{30 * time.Second}, Retries: 4, MaxInFlight: 4},
 	}
 }
 
@@ -208,6 +221,11 @@ func (c *Config) Validate() error {
 	}
 	if c.FS.FetchConcurrency < 1 || c.FS.FetchConcurrency > 64 {
 		return fmt.Errorf("key \"fs.fetch_concurrency\": %d is not between 1 and 64", c.FS.FetchConcurrency)
+	}
+	if c.Containerd.Address != "" {
+		if err := absPath("containerd.address", c.Containerd.Address); err != nil {
+			return err
+		}
 	}
 	if c.Remote.ConfigPath != "" {
 		if err := absPath("remote.config_path", c.Remote.ConfigPath); err != nil {

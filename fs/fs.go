@@ -44,6 +44,15 @@ type Options struct {
 	FetchConcurrency int
 	// Debug logs FUSE requests.
 	Debug bool
+	// Finder locates a layer whose Prepare carried no image labels; nil
+	// leaves such layers to be unpacked.
+	Finder LayerFinder
+}
+
+// LayerFinder finds the image repository and blob of a lazy layer from
+// the labels containerd always passes (the layer's TOC digest annotation).
+type LayerFinder interface {
+	FindLayer(ctx context.Context, labels map[string]string) (ref string, layer ocispec.Descriptor, err error)
 }
 
 // FileSystem mounts and serves lazy layers.
@@ -79,10 +88,12 @@ type mounted struct {
 	blob   *remote.Blob
 }
 
-// Lazy reports whether labels describe a layer f can mount.
+// Lazy reports whether labels describe a layer f can mount: one whose TOC
+// is pinned, and whose image is either named or can be looked for.
 func (f *FileSystem) Lazy(labels map[string]string) bool {
 	_, pinned := layer.PinFromAnnotations(labels)
-	return pinned && labels[snapshot.LabelImageRef] != "" && labels[snapshot.LabelLayerDigest] != ""
+	named := labels[snapshot.LabelImageRef] != "" && labels[snapshot.LabelLayerDigest] != ""
+	return pinned && (named || f.opts.Finder != nil)
 }
 
 // Mount fetches and checks the TOC of the layer the labels name, records
@@ -92,12 +103,23 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	if !ok {
 		return errors.New("layer has no TOC digest annotation")
 	}
-	ref, dgst := labels[snapshot.LabelImageRef], digest.Digest(labels[snapshot.LabelLayerDigest])
-	if ref == "" || dgst.Validate() != nil {
-		return fmt.Errorf("labels name no image (%q) and layer (%q)", ref, dgst)
-	}
 	start := time.Now()
-	blob, err := f.fetcher.Open(ctx, ref, ocispec.Descriptor{Digest: dgst})
+	ref, desc := labels[snapshot.LabelImageRef], ocispec.Descriptor{Digest: digest.Digest(labels[snapshot.LabelLayerDigest])}
+	if ref == "" || desc.Digest == "" {
+		if f.opts.Finder == nil {
+			return errors.New("labels name no image and layer")
+		}
+		var err error
+		if ref, desc, err = f.opts.Finder.FindLayer(ctx, labels); err != nil {
+			return fmt.Errorf("labels name no image and layer: %w", err)
+		}
+		log.G(ctx).WithFields(log.Fields{"ref": ref, "layer": desc.Digest}).Debug("found the layer's image in containerd")
+	}
+	dgst := desc.Digest
+	if err := dgst.Validate(); err != nil {
+		return fmt.Errorf("layer digest %q: %w", dgst, err)
+	}
+	blob, err := f.fetcher.Open(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size})
 	if err != nil {
 		return fmt.Errorf("resolve layer %s of %s: %w", dgst, ref, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/opencontainers/image-spec/identity"
@@ -53,10 +54,60 @@ func lazyMounts(t *testing.T, env *testenv.Env) []string {
 	return out
 }
 
-// TestLazyPullRunsPython pulls converted images with the labels CRI sends:
-// every layer must be mounted lazily (committed remote, a FUSE mount per
-// layer, nothing unpacked), python must run from them, and a restarted
-// daemon must serve them again from its metadata.
+// checkRemote asserts every layer of img is a committed remote snapshot
+// with its own lazycas FUSE mount.
+func checkRemote(ctx context.Context, t *testing.T, env *testenv.Env, img client.Image) int {
+	t.Helper()
+	diffIDs, err := img.RootFS(env.Context(ctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn := env.Client.SnapshotService(testenv.Snapshotter)
+	for i := range diffIDs {
+		chain := identity.ChainID(diffIDs[:i+1]).String()
+		info, err := sn.Stat(env.Context(ctx), chain)
+		if err != nil {
+			t.Fatalf("layer %d: %v", i, err)
+		}
+		if info.Kind != snapshots.KindCommitted || info.Labels[snapshot.LabelRemote] == "" {
+			t.Errorf("layer %d (%s) is not a remote snapshot: %+v", i, chain, info)
+		}
+	}
+	if n := len(lazyMounts(t, env)); n < len(diffIDs) {
+		t.Errorf("%d lazycas FUSE mounts for %d layers", n, len(diffIDs))
+	}
+	return len(diffIDs)
+}
+
+// deleteImage removes the image; containerd's garbage collector then
+// removes its snapshots, which must unmount every lazy layer.
+func deleteImage(ctx context.Context, t *testing.T, env *testenv.Env, ref string) {
+	t.Helper()
+	if err := env.Client.ImageService().Delete(env.Context(ctx), ref, images.SynchronousDelete()); err != nil {
+		t.Fatal(err)
+	}
+	if m := lazyMounts(t, env); len(m) != 0 {
+		t.Errorf("lazy mounts left after the image was deleted: %v", m)
+	}
+}
+
+const lazyPythonCheck = `import hashlib, os, sys
+h = hashlib.sha256(open(sys.executable, "rb").read()).hexdigest()
+print("python", sys.version.split()[0], h[:12])
+print("bootstrap.log visible:", os.path.exists("/var/log/bootstrap.log"))`
+
+func checkPythonOutput(t *testing.T, out string) {
+	t.Helper()
+	if !strings.HasPrefix(out, "python 3.11") || !strings.Contains(out, "bootstrap.log visible: False") {
+		t.Fatalf("unexpected output %q", out)
+	}
+}
+
+// TestLazyPullRunsPython pulls converted images with the labels CRI sends,
+// and without any (as ctr or an unknown client): every layer must be
+// mounted lazily (committed remote, a FUSE mount per layer, nothing
+// unpacked), python must run from them, a restarted daemon must serve them
+// again from its metadata, and deleting the image must unmount them.
 func TestLazyPullRunsPython(t *testing.T) {
 	env := newEnv(t)
 	ctx := testContext(t)
@@ -69,49 +120,30 @@ func TestLazyPullRunsPython(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Logf("lazy pull took %s", time.Since(start).Round(time.Millisecond))
-
-			diffIDs, err := img.RootFS(env.Context(ctx))
-			if err != nil {
-				t.Fatal(err)
-			}
-			sn := env.Client.SnapshotService(testenv.Snapshotter)
-			for i := range diffIDs {
-				chain := identity.ChainID(diffIDs[:i+1]).String()
-				info, err := sn.Stat(env.Context(ctx), chain)
-				if err != nil {
-					t.Fatalf("layer %d: %v", i, err)
-				}
-				if info.Kind != snapshots.KindCommitted || info.Labels[snapshot.LabelRemote] == "" {
-					t.Errorf("layer %d (%s) is not a remote snapshot: %+v", i, chain, info)
-				}
-			}
-			if n := len(lazyMounts(t, env)); n < len(diffIDs) {
-				t.Errorf("%d lazycas FUSE mounts for %d layers", n, len(diffIDs))
-			}
-
-			code := `import hashlib, json, sys
-h = hashlib.sha256(open(sys.executable, "rb").read()).hexdigest()
-print("python", sys.version.split()[0], h[:12])
-import os
-print("bootstrap.log visible:", os.path.exists("/var/log/bootstrap.log"))`
-			out := runPython(ctx, t, env, img, code)
-			if !strings.HasPrefix(out, "python 3.11") || !strings.Contains(out, "bootstrap.log visible: False") {
-				t.Fatalf("unexpected output %q", out)
-			}
+			checkRemote(ctx, t, env, img)
+			out := runPython(ctx, t, env, img, lazyPythonCheck)
+			checkPythonOutput(t, out)
 
 			if err := env.RestartDaemon(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if n := len(lazyMounts(t, env)); n < len(diffIDs) {
-				t.Errorf("after restart: %d lazycas FUSE mounts for %d layers", n, len(diffIDs))
-			}
-			if again := runPython(ctx, t, env, img, code); again != out {
+			checkRemote(ctx, t, env, img)
+			if again := runPython(ctx, t, env, img, lazyPythonCheck); again != out {
 				t.Errorf("after restart python printed %q, before %q", again, out)
 			}
+			deleteImage(ctx, t, env, ref)
 
-			if err := env.Client.ImageService().Delete(env.Context(ctx), ref, images.SynchronousDelete()); err != nil {
-				t.Fatal(err)
-			}
+			t.Run("without labels", func(t *testing.T) {
+				img, err := env.Pull(ctx, ref)
+				if err != nil {
+					t.Fatal(err)
+				}
+				checkRemote(ctx, t, env, img)
+				if again := runPython(ctx, t, env, img, lazyPythonCheck); again != out {
+					t.Errorf("python printed %q, with labels %q", again, out)
+				}
+				deleteImage(ctx, t, env, ref)
+			})
 		})
 	}
 }

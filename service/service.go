@@ -27,6 +27,7 @@ import (
 	"github.com/lazycas/lazycas/fs/fuse"
 	"github.com/lazycas/lazycas/fs/remote"
 	"github.com/lazycas/lazycas/metadata"
+	"github.com/lazycas/lazycas/service/finder"
 	"github.com/lazycas/lazycas/service/resolver"
 	"github.com/lazycas/lazycas/snapshot"
 	"github.com/lazycas/lazycas/store"
@@ -45,6 +46,7 @@ type lazy struct {
 	meta    *metadata.DB
 	store   *store.Store
 	fetcher *remote.Fetcher
+	finder  *finder.Finder
 }
 
 func (l *lazy) close() error {
@@ -55,6 +57,9 @@ func (l *lazy) close() error {
 		}
 	}
 	l.fetcher.Close()
+	if l.finder != nil {
+		l.finder.Close()
+	}
 	if err := l.meta.Close(); err != nil {
 		errs = append(errs, err)
 	}
@@ -97,17 +102,22 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 	if userxattr {
 		opaque = fuse.OpaqueXattrUser
 	}
-	l.fs = lazyfs.New(meta, st, l.fetcher, lazyfs.Options{
+	fo := lazyfs.Options{
 		OpaqueXattr:      opaque,
 		Passthrough:      cfg.FS.Passthrough,
 		Prefetch:         cfg.FS.Prefetch,
 		Background:       cfg.FS.BackgroundFetch,
 		FetchConcurrency: cfg.FS.FetchConcurrency,
 		Debug:            cfg.FS.Debug,
-	})
+	}
+	if cfg.Containerd.Address != "" {
+		l.finder = finder.New(cfg.Containerd.Address)
+		fo.Finder = l.finder
+	}
+	l.fs = lazyfs.New(meta, st, l.fetcher, fo)
 	log.G(ctx).WithFields(log.Fields{
 		"store": st.Dir(), "passthrough": cfg.FS.Passthrough, "prefetch": cfg.FS.Prefetch,
-		"background_fetch": cfg.FS.BackgroundFetch, "opaque_xattr": opaque,
+		"background_fetch": cfg.FS.BackgroundFetch, "opaque_xattr": opaque, "containerd": cfg.Containerd.Address,
 	}).Info("lazy layers enabled")
 	return l, nil
 }

@@ -22,12 +22,15 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/pkg/identifiers"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -240,7 +243,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	if err != nil {
 		return nil, err
 	}
-	if err := s.prepareRemote(ctx, key, target, info.Labels); err != nil {
+	if err := s.prepareRemote(withKeyNamespace(ctx, key), key, target, info.Labels); err != nil {
 		if errdefs.IsAlreadyExists(err) {
 			return nil, err
 		}
@@ -249,6 +252,21 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		return mounts, nil
 	}
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+}
+
+// withKeyNamespace returns ctx in the containerd namespace a key belongs
+// to, unless ctx has one. containerd does not send the namespace to proxy
+// snapshotters, but its metadata layer names every key
+// "<namespace>/<counter>/<client's key>".
+func withKeyNamespace(ctx context.Context, key string) context.Context {
+	if _, ok := namespaces.Namespace(ctx); ok {
+		return ctx
+	}
+	ns, _, ok := strings.Cut(key, "/")
+	if !ok || identifiers.Validate(ns) != nil {
+		return ctx
+	}
+	return namespaces.WithNamespace(ctx, ns)
 }
 
 // prepareRemote mounts the lazy layer on the active snapshot key and

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -98,7 +99,30 @@ func freePort() (int, error) {
 // until a snapshots List through containerd's proxy client succeeds.
 func (e *Env) startDaemon(ctx context.Context) error {
 	cfg := filepath.Join(e.Dir, "lazycas.toml")
-	if err := os.WriteFile(cfg, []byte(e.opts.DaemonConfig), 0o644); err != nil {
+	content := e.opts.DaemonConfig
+	if !strings.Contains(content, "[containerd]") {
+		// The daemon asks the environment's containerd, not the host's,
+		// which image a label-less Prepare belongs to.
+		content += fmt.Sprintf("\n[containerd]\naddress = %q\n", e.ContainerdAddress)
+	}
+	if !strings.Contains(content, "[remote]") {
+		// containerd records where a blob came from without the registry's
+		// port (containerd.io/distribution.source.127.0.0.1=python), so a
+		// label-less lazy pull reaches a registry on another port only
+		// through a hosts.toml for the bare host name, as on a real node.
+		hostsDir := filepath.Join(e.Dir, "hosts.d")
+		host, _, _ := strings.Cut(e.RegistryHost, ":")
+		if err := os.MkdirAll(filepath.Join(hostsDir, host), 0o755); err != nil {
+			return err
+		}
+		hosts := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
+			"http://"+e.RegistryHost, "http://"+e.RegistryHost)
+		if err := os.WriteFile(filepath.Join(hostsDir, host, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+			return err
+		}
+		content += fmt.Sprintf("\n[remote]\nconfig_path = %q\n", hostsDir)
+	}
+	if err := os.WriteFile(cfg, []byte(content), 0o644); err != nil {
 		return err
 	}
 	p, err := startProcess("lazycas", filepath.Join(e.Dir, daemonLog), e.opts.DaemonPath,
