@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	units "github.com/docker/go-units"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -68,6 +69,10 @@ type FS struct {
 	BackgroundFetch bool `toml:"background_fetch"`
 	// FetchConcurrency bounds the files one layer fetches at once.
 	FetchConcurrency int `toml:"fetch_concurrency"`
+	// BackgroundBandwidth caps prefetch and background fetch over all
+	// layers, per second, e.g. "20MiB"; "" or "0" means no cap. Reads by
+	// containers are never capped and go first.
+	BackgroundBandwidth Size `toml:"background_bandwidth"`
 	// Debug logs every FUSE request (very verbose).
 	Debug bool `toml:"debug"`
 }
@@ -93,6 +98,30 @@ type Remote struct {
 	// MaxInFlight bounds concurrent requests per layer blob.
 	MaxInFlight int `toml:"max_in_flight"`
 }
+
+// Size is a byte count written as a string such as "20MiB" or "1.5G"
+// (binary units).
+type Size struct{ Bytes int64 }
+
+// UnmarshalText parses a size.
+func (s *Size) UnmarshalText(b []byte) error {
+	if len(b) == 0 {
+		s.Bytes = 0
+		return nil
+	}
+	v, err := units.RAMInBytes(string(b))
+	if err != nil {
+		return err
+	}
+	if v < 0 {
+		return fmt.Errorf("negative size %q", b)
+	}
+	s.Bytes = v
+	return nil
+}
+
+// MarshalText writes the size in binary units.
+func (s Size) MarshalText() ([]byte, error) { return []byte(units.BytesSize(float64(s.Bytes))), nil }
 
 // Duration is a time.Duration written as a string such as "30s".
 type Duration struct{ time.Duration }

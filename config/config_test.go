@@ -28,6 +28,33 @@ mount_options = ["volatile"]
 	}
 }
 
+func TestParseLazySections(t *testing.T) {
+	cfg, err := Parse([]byte(`
+[fs]
+passthrough = false
+background_bandwidth = "20MiB"
+fetch_concurrency = 8
+[remote]
+config_path = "/etc/containerd/certs.d"
+request_timeout = "5s"
+retries = 2
+[containerd]
+address = ""
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.FS.Passthrough || !cfg.FS.Lazy || cfg.FS.BackgroundBandwidth.Bytes != 20<<20 || cfg.FS.FetchConcurrency != 8 {
+		t.Errorf("fs = %+v", cfg.FS)
+	}
+	if cfg.Remote.ConfigPath != "/etc/containerd/certs.d" || cfg.Remote.RequestTimeout.Seconds() != 5 || cfg.Remote.Retries != 2 || cfg.Remote.MaxInFlight != 4 {
+		t.Errorf("remote = %+v", cfg.Remote)
+	}
+	if cfg.Containerd.Address != "" {
+		t.Errorf("containerd = %+v", cfg.Containerd)
+	}
+}
+
 func TestEmptyFileMeansDefaults(t *testing.T) {
 	cfg, err := Parse(nil)
 	if err != nil {
@@ -54,6 +81,13 @@ func TestRejectsBadConfig(t *testing.T) {
 		{"a mount option the snapshotter owns", "[snapshotter]\nmount_options = [\"upperdir=/x\"]\n", "set by the snapshotter itself"},
 		{"two mount options in one string", "[snapshotter]\nmount_options = [\"ro,volatile\"]\n", "without commas"},
 		{"malformed TOML", "root = \n", "line 1"},
+		{"a bad duration", "[remote]\nrequest_timeout = \"soon\"\n", `key "remote.request_timeout"`},
+		{"a too short timeout", "[remote]\nrequest_timeout = \"1ms\"\n", `key "remote.request_timeout"`},
+		{"negative retries", "[remote]\nretries = -1\n", `key "remote.retries"`},
+		{"a relative hosts dir", "[remote]\nconfig_path = \"certs.d\"\n", `key "remote.config_path"`},
+		{"no fetch concurrency", "[fs]\nfetch_concurrency = 0\n", `key "fs.fetch_concurrency"`},
+		{"a bad bandwidth", "[fs]\nbackground_bandwidth = \"fast\"\n", `key "fs.background_bandwidth"`},
+		{"a relative containerd socket", "[containerd]\naddress = \"c.sock\"\n", `key "containerd.address"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(tc.toml))

@@ -15,12 +15,14 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/time/rate"
 
 	"github.com/lazycas/lazycas/fs/fuse"
 	"github.com/lazycas/lazycas/fs/layer"
@@ -42,6 +44,9 @@ type Options struct {
 	Prefetch, Background bool
 	// FetchConcurrency bounds the files one layer prefetches at once.
 	FetchConcurrency int
+	// BackgroundBandwidth caps prefetch and background fetch, in bytes per
+	// second over all layers; 0 means no cap. Reads are never capped.
+	BackgroundBandwidth int64
 	// Debug logs FUSE requests.
 	Debug bool
 	// Finder locates a layer whose Prepare carried no image labels; nil
@@ -64,6 +69,13 @@ type FileSystem struct {
 
 	mu     sync.Mutex
 	layers map[string]*mounted
+
+	logModeOnce sync.Once
+	// foreground counts fetches for readers; background fetch waits for
+	// them, so a container's read never queues behind prefetch.
+	fgActive atomic.Int64
+	// limiter caps background fetch bandwidth; nil means no cap.
+	limiter *rate.Limiter
 }
 
 // New returns a FileSystem keeping TOCs in meta and file contents in st.
@@ -71,7 +83,12 @@ func New(meta *metadata.DB, st *store.Store, fetcher *remote.Fetcher, opts Optio
 	if opts.FetchConcurrency <= 0 {
 		opts.FetchConcurrency = 4
 	}
-	return &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{}}
+	f := &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{}}
+	if opts.BackgroundBandwidth > 0 {
+		// A burst of one group: a group is fetched as one request.
+		f.limiter = rate.NewLimiter(rate.Limit(opts.BackgroundBandwidth), limiterBurst)
+	}
+	return f
 }
 
 // mounted is one served layer.
@@ -187,6 +204,15 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 		return nil, err
 	}
 	m.fuse = fl
+	f.logModeOnce.Do(func() {
+		mode := "fuse reads (kernel page cache per layer)"
+		if fl.Passthrough() {
+			mode = "passthrough (the kernel reads store objects directly)"
+		} else if f.opts.Passthrough {
+			mode = "fuse reads: this kernel offers no FUSE passthrough"
+		}
+		log.G(ctx).WithField("mode", mode).Info("file reads")
+	})
 	m.startFetch(ctx)
 	f.mu.Lock()
 	f.layers[key] = m
@@ -269,14 +295,18 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (*os.File, error) 
 	if f, err := m.fs.store.Open(d); err == nil {
 		return f, nil
 	}
-	if err := m.ensure(ctx, n, nil); err != nil {
+	m.fs.fgActive.Add(1)
+	err := m.ensure(ctx, n, nil)
+	m.fs.fgActive.Add(-1)
+	if err != nil {
 		return nil, err
 	}
 	return m.fs.store.Open(d)
 }
 
 // ensure fills the store with n's content, reading through pre (bytes
-// already fetched) where it covers the chunks.
+// already fetched) where it covers the chunks. Background fetches (pre
+// non-nil, possibly empty) yield to readers and keep to the bandwidth cap.
 func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched) error {
 	_, err := m.fs.store.Ensure(ctx, digest.Digest(n.Digest), n.Size, func(ctx context.Context, w io.Writer) error {
 		b, err := m.remoteBlob(ctx)
@@ -285,7 +315,7 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 		}
 		var r layer.RangeReader = blobRanges{b}
 		if pre != nil {
-			pre.next = r
+			pre.next = background{fs: m.fs, next: r}
 			r = pre
 		}
 		return layer.WriteFile(ctx, r, m.format, n, w)
@@ -305,6 +335,51 @@ func (r blobRanges) ReadRanges(ctx context.Context, ranges []layer.Range) error 
 		rs[i] = remote.Range{Off: x.Off, Buf: x.Buf}
 	}
 	return r.b.ReadRanges(ctx, rs)
+}
+
+// limiterBurst is the most one background request takes from the
+// bandwidth budget at once; bigger reads wait for it in pieces.
+const limiterBurst = 16 << 20
+
+// background is the RangeReader of prefetch and background fetch: it waits
+// while readers fetch, and for the bandwidth cap.
+type background struct {
+	fs   *FileSystem
+	next layer.RangeReader
+}
+
+func (b background) ReadRanges(ctx context.Context, ranges []layer.Range) error {
+	if err := b.fs.yield(ctx); err != nil {
+		return err
+	}
+	if b.fs.limiter != nil {
+		var n int
+		for _, r := range ranges {
+			n += len(r.Buf)
+		}
+		for n > 0 {
+			take := min(n, limiterBurst)
+			if err := b.fs.limiter.WaitN(ctx, take); err != nil {
+				return err
+			}
+			n -= take
+		}
+	}
+	return b.next.ReadRanges(ctx, ranges)
+}
+
+// yield waits, boundedly, while a reader is fetching: its request should
+// not share the link with prefetch. Bounded, so that a stream of reads
+// cannot starve prefetch for good.
+func (f *FileSystem) yield(ctx context.Context) error {
+	for i := 0; i < 200 && f.fgActive.Load() > 0; i++ {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // prefetched serves ranges from one buffer fetched for a group of files,

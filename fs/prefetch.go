@@ -144,10 +144,13 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node) (files int
 			return 0, 0, err
 		}
 		buf := make([]byte, end-start)
-		if err := (blobRanges{b}).ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
+		r := background{fs: m.fs, next: blobRanges{b}}
+		if err := r.ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
 			return 0, 0, err
 		}
 		pre = &prefetched{off: start, buf: buf}
+	} else {
+		pre = &prefetched{} // covers nothing: every read goes to the blob
 	}
 	var errs []error
 	for _, n := range g {

@@ -69,6 +69,15 @@ func (l *lazy) close() error {
 	return errors.Join(errs...)
 }
 
+// retries maps the config's retry count to remote.Options, where 0 means
+// the default and a negative count none.
+func retries(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
+}
+
 func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return nil, fmt.Errorf("create root: %w", err)
@@ -86,7 +95,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 	l.fetcher = remote.New(remote.Options{
 		Hosts:          resolver.Hosts(ctx, resolver.Options{HostsDir: cfg.Remote.ConfigPath}),
 		RequestTimeout: cfg.Remote.RequestTimeout.Duration,
-		Retries:        cfg.Remote.Retries,
+		Retries:        retries(cfg.Remote.Retries),
 		MaxInFlight:    cfg.Remote.MaxInFlight,
 	})
 	defer func() {
@@ -103,12 +112,13 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		opaque = fuse.OpaqueXattrUser
 	}
 	fo := lazyfs.Options{
-		OpaqueXattr:      opaque,
-		Passthrough:      cfg.FS.Passthrough,
-		Prefetch:         cfg.FS.Prefetch,
-		Background:       cfg.FS.BackgroundFetch,
-		FetchConcurrency: cfg.FS.FetchConcurrency,
-		Debug:            cfg.FS.Debug,
+		OpaqueXattr:         opaque,
+		Passthrough:         cfg.FS.Passthrough,
+		Prefetch:            cfg.FS.Prefetch,
+		Background:          cfg.FS.BackgroundFetch,
+		FetchConcurrency:    cfg.FS.FetchConcurrency,
+		BackgroundBandwidth: cfg.FS.BackgroundBandwidth.Bytes,
+		Debug:               cfg.FS.Debug,
 	}
 	if cfg.Containerd.Address != "" {
 		l.finder = finder.New(cfg.Containerd.Address)

@@ -53,9 +53,10 @@ type Options struct {
 
 // Layer is a mounted layer.
 type Layer struct {
-	dir    string
-	server *fuse.Server
-	stats  *Stats
+	dir         string
+	server      *fuse.Server
+	stats       *Stats
+	passthrough bool
 }
 
 // Stats counts FUSE operations, for profiling and tests.
@@ -93,6 +94,9 @@ func Mount(ctx context.Context, dir string, l *metadata.Layer, files Files, opts
 			Debug:         opts.Debug,
 			MaxStackDepth: 1,
 		},
+		// Report modes as the layer has them: without this, go-fuse shows
+		// a file of mode 0000 (/etc/shadow on RHEL) as 0644.
+		NullPermissions: true,
 		EntryTimeout:    &timeout,
 		AttrTimeout:     &timeout,
 		NegativeTimeout: &timeout,
@@ -101,8 +105,14 @@ func Mount(ctx context.Context, dir string, l *metadata.Layer, files Files, opts
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	return &Layer{dir: dir, server: server, stats: st}, nil
+	pt := opts.Passthrough && server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0
+	m.passthrough.Store(pt)
+	return &Layer{dir: dir, server: server, stats: st, passthrough: pt}, nil
 }
+
+// Passthrough reports whether the kernel reads this layer's open files
+// directly from their backing objects.
+func (l *Layer) Passthrough() bool { return l.passthrough }
 
 // Stats returns the mount's operation counters.
 func (l *Layer) Stats() *Stats { return l.stats }
@@ -122,11 +132,12 @@ func (l *Layer) Unmount() error {
 }
 
 type mount struct {
-	layer *metadata.Layer
-	files Files
-	opts  Options
-	stats *Stats
-	log   *log.Entry
+	layer       *metadata.Layer
+	files       Files
+	opts        Options
+	stats       *Stats
+	log         *log.Entry
+	passthrough atomic.Bool // known once the kernel answered INIT
 }
 
 type node struct {
@@ -216,7 +227,16 @@ func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 		n.m.log.WithError(err).WithField("inode", n.meta.ID).Error("readdir")
 		return nil, syscall.EIO
 	}
-	list := make([]fuse.DirEntry, 0, len(ents))
+	// "." and ".." come first, as from any disk filesystem: programs that
+	// count a directory's entries expect them (the root's ".." is itself).
+	parent := n.meta.ID
+	if _, p := n.Parent(); p != nil {
+		parent = p.StableAttr().Ino
+	}
+	list := make([]fuse.DirEntry, 0, len(ents)+2)
+	list = append(list,
+		fuse.DirEntry{Name: ".", Ino: n.meta.ID, Mode: syscall.S_IFDIR},
+		fuse.DirEntry{Name: "..", Ino: parent, Mode: syscall.S_IFDIR})
 	for _, e := range ents {
 		list = append(list, fuse.DirEntry{Name: e.Name, Ino: e.ID, Mode: typeBits(e.Type)})
 	}
@@ -294,7 +314,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			Error("cannot serve file content: reads fail with EIO")
 		return nil, 0, syscall.EIO
 	}
-	return &file{f: f, passthrough: n.m.opts.Passthrough, stats: n.m.stats}, fuse.FOPEN_KEEP_CACHE, 0
+	return &file{f: f, passthrough: n.m.passthrough.Load(), stats: n.m.stats}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 // file serves a regular file from its verified object.

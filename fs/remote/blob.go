@@ -92,7 +92,9 @@ func (b *Blob) ReadRanges(ctx context.Context, ranges []Range) error {
 		firstErr error
 		workers  sync.WaitGroup
 	)
-	for range min(b.f.opts.MaxInFlight, len(reqs)) {
+	// As many workers as parts may be in flight: a fallback from one
+	// multi-range request fans out too.
+	for range min(b.f.opts.MaxInFlight, nparts) {
 		workers.Go(func() {
 			for parts := range queue {
 				if ctx.Err() == nil {

@@ -277,7 +277,12 @@ func (b *Blob) send(ctx context.Context, host int, method, ranges string) (*http
 			log.G(ctx).WithFields(log.Fields{"digest": b.digest, "host": h.Host}).Debug("registry asked for authorization")
 			continue
 		}
-		if method == http.MethodGet && resp.StatusCode < 300 && resp.Request.URL.String() != u {
+		if cached && resp.StatusCode >= 300 {
+			// Let a retry ask the registry, which may send it elsewhere.
+			b.forget(host, u)
+		}
+		// Request.Response is set only on a request made to follow a redirect.
+		if method == http.MethodGet && resp.StatusCode < 300 && resp.Request.Response != nil {
 			b.mu.Lock()
 			b.loc = location{host: host, url: resp.Request.URL.String()}
 			b.mu.Unlock()

@@ -107,6 +107,10 @@ func (b *Blob) fetch(ctx context.Context, host int, parts []*part) error {
 // It returns nil only if every part is done.
 func (b *Blob) read(resp *http.Response, parts []*part) error {
 	multi := len(parts) > 1
+	// Ranges address the stored bytes; an encoded body would shift them.
+	if ce := resp.Header.Get("Content-Encoding"); ce != "" && ce != "identity" {
+		return fmt.Errorf("GET %s: unexpected Content-Encoding %q", redact(resp.Request.URL), ce)
+	}
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 	case http.StatusOK:

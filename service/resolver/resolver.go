@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"net/http"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/remotes"
@@ -42,6 +43,7 @@ func Hosts(ctx context.Context, opts Options) docker.RegistryHosts {
 		Credentials: func(host string) (string, string, error) {
 			return credentials(ctx, keychain, host)
 		},
+		UpdateClient: keepConnections,
 	}
 	if opts.HostsDir != "" {
 		ho.HostDir = config.HostDirFromRoot(opts.HostsDir)
@@ -50,6 +52,18 @@ func Hosts(ctx context.Context, opts Options) docker.RegistryHosts {
 		ho.DefaultScheme = "http"
 	}
 	return config.ConfigureHosts(ctx, ho)
+}
+
+// keepConnections lets several range requests to one registry reuse their
+// connections: containerd's default transport keeps only two idle ones per
+// host, fewer than the reads a lazy layer has in flight.
+func keepConnections(c *http.Client) error {
+	if t, ok := c.Transport.(*http.Transport); ok {
+		t = t.Clone()
+		t.MaxIdleConnsPerHost = 32
+		c.Transport = t
+	}
+	return nil
 }
 
 // New returns a resolver for opts.
