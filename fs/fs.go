@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -155,13 +154,13 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	if err := f.meta.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
 		return err
 	}
-	ds := make([]digest.Digest, 0, tree.Files)
+	refs := make([]store.Ref, 0, tree.Files)
 	for _, n := range tree.Nodes {
 		if n.Type == metadata.TypeReg && n.Size > 0 {
-			ds = append(ds, digest.Digest(n.Digest))
+			refs = append(refs, store.Ref{Digest: digest.Digest(n.Digest), Size: n.Size})
 		}
 	}
-	if err := f.store.AddRefs(key, ds); err != nil {
+	if err := f.store.AddRefs(key, refs); err != nil {
 		f.forget(ctx, key)
 		return fmt.Errorf("layer %s: %w", dgst, err)
 	}
@@ -290,18 +289,30 @@ func (m *mounted) remoteBlob(ctx context.Context) (*remote.Blob, error) {
 
 // Open implements fuse.Files: the content of n, from the store, fetched
 // into it first when missing.
-func (m *mounted) Open(ctx context.Context, n *metadata.Node) (*os.File, error) {
+func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error) {
+	// The kernel interrupts a FUSE request when the reader gets any signal
+	// (SIGCHLD, Go's preemption signal); the reader then still waits for
+	// the answer. A fetch cut short by that would fail the read with EIO:
+	// let it finish, bounded by the fetcher's timeouts and retries.
+	ctx = context.WithoutCancel(ctx)
 	d := digest.Digest(n.Digest)
-	if f, err := m.fs.store.Open(d); err == nil {
-		return f, nil
+	// The store may collect the object between its fill and this open;
+	// then it is filled again, a bounded number of times.
+	for attempt := 0; ; attempt++ {
+		h, err := m.fs.store.Open(d)
+		if err == nil {
+			return h, nil
+		}
+		if !errors.Is(err, store.ErrNotFound) || attempt == 3 {
+			return nil, fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)
+		}
+		m.fs.fgActive.Add(1)
+		err = m.ensure(ctx, n, nil)
+		m.fs.fgActive.Add(-1)
+		if err != nil {
+			return nil, err
+		}
 	}
-	m.fs.fgActive.Add(1)
-	err := m.ensure(ctx, n, nil)
-	m.fs.fgActive.Add(-1)
-	if err != nil {
-		return nil, err
-	}
-	return m.fs.store.Open(d)
 }
 
 // ensure fills the store with n's content, reading through pre (bytes

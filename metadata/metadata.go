@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -122,6 +123,10 @@ const batch = 5000
 // DB is the metadata database.
 type DB struct {
 	db *bolt.DB
+	// mu guards writing: the keys this process's Put calls are writing,
+	// which look cut off until their last transaction commits.
+	mu      sync.Mutex
+	writing map[string]int
 }
 
 // Open opens (creating if needed) the database at path.
@@ -140,7 +145,7 @@ func Open(path string) (*DB, error) {
 		db.Close()
 		return nil, fmt.Errorf("metadata: init: %w", err)
 	}
-	return &DB{db: db}, nil
+	return &DB{db: db, writing: map[string]int{}}, nil
 }
 
 // Close closes the database.
@@ -161,6 +166,16 @@ func direntKey(parent uint64, name string) []byte {
 
 // Put stores a layer under key, replacing any earlier one.
 func (d *DB) Put(key string, info LayerInfo, nodes []*Node, dirents []Dirent) error {
+	d.mu.Lock()
+	d.writing[key]++
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		if d.writing[key]--; d.writing[key] == 0 {
+			delete(d.writing, key)
+		}
+		d.mu.Unlock()
+	}()
 	if err := d.Delete(key); err != nil {
 		return err
 	}
@@ -257,7 +272,14 @@ func (d *DB) Delete(key string) error {
 	return nil
 }
 
-// Layers lists the complete layers by key and deletes incomplete ones.
+func (d *DB) isWriting(key string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.writing[key] > 0
+}
+
+// Layers lists the complete layers by key and deletes incomplete ones,
+// except those a Put of this process is still writing.
 func (d *DB) Layers() (map[string]LayerInfo, error) {
 	out := map[string]LayerInfo{}
 	var broken []string
@@ -276,11 +298,32 @@ func (d *DB) Layers() (map[string]LayerInfo, error) {
 		return nil, fmt.Errorf("metadata: list layers: %w", err)
 	}
 	for _, k := range broken {
-		if err := d.Delete(k); err != nil {
+		if err := d.deleteBroken(k); err != nil {
 			return nil, err
 		}
 	}
 	return out, nil
+}
+
+// deleteBroken deletes layer key if it still is incomplete and no Put is
+// writing it: checked in the deleting transaction, since a Put may have
+// completed it since it was found incomplete.
+func (d *DB) deleteBroken(key string) error {
+	err := d.db.Update(func(tx *bolt.Tx) error {
+		layers := tx.Bucket(bucketLayers)
+		lb := layers.Bucket([]byte(key))
+		if lb == nil || d.isWriting(key) {
+			return nil
+		}
+		if info, err := readInfo(lb); err == nil && info.Complete {
+			return nil
+		}
+		return layers.DeleteBucket([]byte(key))
+	})
+	if err != nil {
+		return fmt.Errorf("metadata: delete layer %s: %w", key, err)
+	}
+	return nil
 }
 
 func readInfo(lb *bolt.Bucket) (LayerInfo, error) {

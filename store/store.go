@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/containerd/log"
@@ -50,6 +51,8 @@ type Store struct {
 
 	mu       sync.Mutex
 	inflight map[digest.Digest]*fill
+	open     map[digest.Digest]int       // handles not closed yet
+	used     map[digest.Digest]time.Time // last opens not yet in the index
 
 	fetchedBytes atomic.Int64
 	fetchedFiles atomic.Int64
@@ -94,11 +97,20 @@ func Open(ctx context.Context, dir string) (*Store, error) {
 		return nil, fmt.Errorf("store: init index: %w", err)
 	}
 	log.G(ctx).WithField("dir", dir).Debug("store opened")
-	return &Store{dir: dir, db: db, inflight: map[digest.Digest]*fill{}}, nil
+	return &Store{
+		dir: dir, db: db, inflight: map[digest.Digest]*fill{},
+		open: map[digest.Digest]int{}, used: map[digest.Digest]time.Time{},
+	}, nil
 }
 
-// Close closes the index. Fills still running fail to record themselves.
-func (s *Store) Close() error { return s.db.Close() }
+// Close records last uses and closes the index. Fills still running fail
+// to record themselves.
+func (s *Store) Close() error {
+	if err := s.flushUses(); err != nil {
+		log.L.WithError(err).Warn("store: record last uses")
+	}
+	return s.db.Close()
+}
 
 // Dir is the store's directory.
 func (s *Store) Dir() string { return s.dir }
@@ -123,16 +135,71 @@ func (s *Store) Has(d digest.Digest) bool {
 	return err == nil
 }
 
-// Open opens the sealed object d for reading.
-func (s *Store) Open(d digest.Digest) (*os.File, error) {
+// Open opens the sealed object d for reading. While the returned handle
+// is open, garbage collection leaves the object alone.
+func (s *Store) Open(d digest.Digest) (*Handle, error) {
 	if err := validate(d); err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	f, err := os.Open(s.path(d))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", d, ErrNotFound)
 	}
-	return f, err
+	if err != nil {
+		return nil, err
+	}
+	s.open[d]++
+	s.used[d] = time.Now()
+	return &Handle{File: f, s: s, d: d}, nil
+}
+
+// Handle is an open object.
+type Handle struct {
+	*os.File
+	s    *Store
+	d    digest.Digest
+	once sync.Once
+}
+
+// Close closes the object; it may be collected again.
+func (h *Handle) Close() error {
+	err := h.File.Close()
+	h.once.Do(func() {
+		h.s.mu.Lock()
+		if h.s.open[h.d]--; h.s.open[h.d] <= 0 {
+			delete(h.s.open, h.d)
+		}
+		h.s.mu.Unlock()
+	})
+	return err
+}
+
+// flushUses writes the last uses gathered in memory to the index: one
+// write transaction per open would slow every first read.
+func (s *Store) flushUses() error {
+	s.mu.Lock()
+	used := s.used
+	s.used = map[digest.Digest]time.Time{}
+	s.mu.Unlock()
+	if len(used) == 0 {
+		return nil
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketObjects)
+		for d, t := range used {
+			v := b.Get([]byte(d))
+			if v == nil {
+				continue
+			}
+			size, _ := decodeRecord(v)
+			if err := b.Put([]byte(d), encodeRecord(size, t)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // FillFunc writes an object's whole content to w.
@@ -236,16 +303,24 @@ func (s *Store) fill(ctx context.Context, d digest.Digest, size int64, fn FillFu
 	return nil
 }
 
-// AddRefs records that layer holds the objects ds, so that they outlive
-// unreferenced ones when the store is trimmed.
-func (s *Store) AddRefs(layer string, ds []digest.Digest) error {
+// Ref is a file a layer holds: its digest and size.
+type Ref struct {
+	Digest digest.Digest
+	Size   int64
+}
+
+// AddRefs records that layer holds the files refs, so that their objects
+// outlive unreferenced ones when the store is trimmed.
+func (s *Store) AddRefs(layer string, refs []Ref) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.Bucket(bucketLayers).CreateBucketIfNotExists([]byte(layer))
 		if err != nil {
 			return err
 		}
-		for _, d := range ds {
-			if err := b.Put([]byte(d), nil); err != nil {
+		for _, r := range refs {
+			v := make([]byte, 8)
+			binary.BigEndian.PutUint64(v, uint64(r.Size))
+			if err := b.Put([]byte(r.Digest), v); err != nil {
 				return err
 			}
 		}
@@ -269,33 +344,82 @@ type Stats struct {
 	Objects int64 `json:"objects"`
 	// Bytes is the content size of the sealed objects.
 	Bytes int64 `json:"bytes"`
+	// DiskBytes is what the objects take on disk (allocated blocks).
+	DiskBytes int64 `json:"diskBytes"`
 	// Layers is the number of layers holding references.
 	Layers int64 `json:"layers"`
+	// LogicalBytes sums, over every layer, the sizes of its files the
+	// store holds: what the layers would take without sharing.
+	LogicalBytes int64 `json:"logicalBytes"`
+	// LayerFileBytes sums the sizes of all files of all layers, present
+	// or not.
+	LayerFileBytes int64 `json:"layerFileBytes"`
+	// Unreferenced objects belong to no current layer.
+	Unreferenced int64 `json:"unreferenced"`
+	// Open objects have handles open.
+	Open int64 `json:"open"`
 	// FetchedFiles and FetchedBytes count objects sealed since Open.
 	FetchedFiles int64 `json:"fetchedFiles"`
 	FetchedBytes int64 `json:"fetchedBytes"`
 }
 
+// DedupRatio is LogicalBytes / Bytes: how many times over the layers
+// would hold what the store holds once.
+func (st Stats) DedupRatio() float64 {
+	if st.Bytes == 0 {
+		return 1
+	}
+	return float64(st.LogicalBytes) / float64(st.Bytes)
+}
+
 // Stats returns the store's figures from its index.
 func (s *Store) Stats() (Stats, error) {
 	st := Stats{FetchedFiles: s.fetchedFiles.Load(), FetchedBytes: s.fetchedBytes.Load()}
+	s.mu.Lock()
+	st.Open = int64(len(s.open))
+	s.mu.Unlock()
+	sizes := map[string]int64{}
+	referenced := map[string]bool{}
 	err := s.db.View(func(tx *bolt.Tx) error {
-		if err := tx.Bucket(bucketObjects).ForEach(func(_, v []byte) error {
+		if err := tx.Bucket(bucketObjects).ForEach(func(k, v []byte) error {
 			size, _ := decodeRecord(v)
+			sizes[string(k)] = size
 			st.Objects++
 			st.Bytes += size
 			return nil
 		}); err != nil {
 			return err
 		}
-		return tx.Bucket(bucketLayers).ForEach(func(_, v []byte) error {
-			if v == nil { // a nested bucket: one layer
-				st.Layers++
+		layers := tx.Bucket(bucketLayers)
+		return layers.ForEach(func(name, v []byte) error {
+			if v != nil {
+				return nil
 			}
-			return nil
+			st.Layers++
+			return layers.Bucket(name).ForEach(func(d, v []byte) error {
+				referenced[string(d)] = true
+				if len(v) == 8 {
+					st.LayerFileBytes += int64(binary.BigEndian.Uint64(v))
+				}
+				st.LogicalBytes += sizes[string(d)]
+				return nil
+			})
 		})
 	})
-	return st, err
+	if err != nil {
+		return st, err
+	}
+	for d := range sizes {
+		if !referenced[d] {
+			st.Unreferenced++
+		}
+		if fi, err := os.Stat(s.path(digest.Digest(d))); err == nil {
+			if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+				st.DiskBytes += sys.Blocks * 512
+			}
+		}
+	}
+	return st, nil
 }
 
 func encodeRecord(size int64, used time.Time) []byte {

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -180,7 +181,7 @@ func TestOpenSweepsTemporaryFilesAndKeepsObjects(t *testing.T) {
 	if _, err := s.Ensure(ctx, d, 4, writeString("kept")); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.AddRefs("layer-a", []digest.Digest{d}); err != nil {
+	if err := s.AddRefs("layer-a", []Ref{{Digest: d, Size: 4}}); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -211,5 +212,97 @@ func TestOpenSweepsTemporaryFilesAndKeepsObjects(t *testing.T) {
 	}
 	if st, _ := s2.Stats(); st.Layers != 0 {
 		t.Errorf("layers after release = %d", st.Layers)
+	}
+}
+
+func TestGCUnreferencedFirstLeastRecentlyUsedFirstNeverOpen(t *testing.T) {
+	s, _ := open(t)
+	ctx := context.Background()
+	put := func(content string) digest.Digest {
+		d := digest.FromString(content)
+		if _, err := s.Ensure(ctx, d, int64(len(content)), writeString(content)); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	use := func(d digest.Digest) {
+		h, err := s.Open(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.Close()
+	}
+	oldFree := put("unreferenced, used long ago") // 27 bytes
+	newFree := put("unreferenced, used recently")
+	held := put("referenced by a layer......")
+	opened := put("open, unreferenced.........")
+	// opened is the least recently used: only being open keeps it.
+	h, err := s.Open(opened)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []digest.Digest{oldFree, newFree, held} {
+		time.Sleep(time.Millisecond)
+		use(d)
+	}
+	time.Sleep(time.Millisecond)
+	use(newFree) // newer than oldFree
+	if err := s.AddRefs("layer", []Ref{{Digest: held, Size: 27}}); err != nil {
+		t.Fatal(err)
+	}
+
+	// A budget for two objects: oldFree goes, then newFree; opened is
+	// skipped although unreferenced; held stays.
+	res, err := s.GC(ctx, 2*27)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != 2 || res.Freed != 54 || res.Bytes != 54 || res.Skipped != 1 {
+		t.Errorf("gc = %+v", res)
+	}
+	for d, want := range map[digest.Digest]bool{oldFree: false, newFree: false, held: true, opened: true} {
+		if s.Has(d) != want {
+			t.Errorf("after gc Has(%s) = %v, want %v", d, !want, want)
+		}
+	}
+	// An open object reads on, and goes once closed, before the
+	// referenced one.
+	buf := make([]byte, 4)
+	if _, err := h.ReadAt(buf, 0); err != nil || string(buf) != "open" {
+		t.Fatalf("read of open object: %q, %v", buf, err)
+	}
+	h.Close()
+	if res, err := s.GC(ctx, 27); err != nil || res.Removed != 1 || !s.Has(held) || s.Has(opened) {
+		t.Fatalf("second gc = %+v, %v; held %v opened %v", res, err, s.Has(held), s.Has(opened))
+	}
+	// Objects of layers go too when the budget demands it.
+	if res, err := s.GC(ctx, 0); err != nil || res.Removed != 1 || s.Has(held) {
+		t.Fatalf("gc to zero = %+v, %v", res, err)
+	}
+	st, err := s.Stats()
+	if err != nil || st.Objects != 0 || st.Bytes != 0 || st.Layers != 1 || st.LayerFileBytes != 27 {
+		t.Errorf("stats after gc = %+v, %v", st, err)
+	}
+}
+
+func TestStatsDedup(t *testing.T) {
+	s, _ := open(t)
+	ctx := context.Background()
+	content := "shared by two layers"
+	d := digest.FromString(content)
+	if _, err := s.Ensure(ctx, d, int64(len(content)), writeString(content)); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []string{"a", "b"} {
+		if err := s.AddRefs(l, []Ref{{Digest: d, Size: int64(len(content))}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := s.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Bytes != int64(len(content)) || st.LogicalBytes != 2*int64(len(content)) || st.DedupRatio() != 2 || st.DiskBytes <= 0 {
+		t.Errorf("stats = %+v (ratio %v)", st, st.DedupRatio())
 	}
 }

@@ -13,7 +13,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sort"
 	"sync/atomic"
 	"syscall"
@@ -35,7 +34,13 @@ const (
 // Files provides the content of regular files.
 type Files interface {
 	// Open returns a file holding n's complete, verified content.
-	Open(ctx context.Context, n *metadata.Node) (*os.File, error)
+	Open(ctx context.Context, n *metadata.Node) (File, error)
+}
+
+// File is an open file with n's content, such as a store object.
+type File interface {
+	Fd() uintptr
+	Close() error
 }
 
 // Options configure a mount.
@@ -319,7 +324,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 
 // file serves a regular file from its verified object.
 type file struct {
-	f           *os.File
+	f           File
 	passthrough bool
 	stats       *Stats
 }

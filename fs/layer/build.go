@@ -15,10 +15,15 @@ import (
 
 // Limits on a single entry; a TOC beyond them is refused as hostile.
 const (
-	maxEntries    = 4 << 20
-	maxNameLen    = 255
-	maxPathLen    = 4096
-	maxFileSize   = 1 << 40
+	maxEntries  = 4 << 20
+	maxNameLen  = 255
+	maxPathLen  = 4096
+	maxFileSize = 1 << 40
+	// maxChunkSize and maxChunkSpan bound what one chunk makes the daemon
+	// hold in memory (estargz cuts 4 MiB chunks by default); a layer with
+	// larger chunks is unpacked instead.
+	maxChunkSize  = 64 << 20
+	maxChunkSpan  = maxChunkSize + 8<<20
 	maxXattrs     = 128
 	maxXattrValue = 64 << 10
 	whiteoutPre   = ".wh."
@@ -71,6 +76,7 @@ type builder struct {
 	byPath   map[string]*buildNode
 	nodes    []*metadata.Node
 	regs     []*metadata.Node // in layer order
+	regAt    []int            // the TOC entry of each of regs, for errors
 	prefetch []uint64
 	landmark bool
 }
@@ -83,6 +89,7 @@ func (b *builder) newNode(t metadata.Type, mode uint32) *metadata.Node {
 
 func (b *builder) entries() error {
 	var last *metadata.Node // the regular file that "chunk" entries continue
+	var lastAt int          // its TOC entry
 	for i, e := range b.toc.Entries {
 		if e == nil {
 			return fmt.Errorf("TOC entry %d is null", i)
@@ -98,27 +105,35 @@ func (b *builder) entries() error {
 		}
 		if last != nil {
 			if err := checkTiling(last); err != nil {
-				return fmt.Errorf("regular file before TOC entry %d: %w", i, err)
+				return b.entryErr(lastAt, err)
 			}
 		}
 		last = nil
 		n, err := b.entry(e)
 		if err != nil {
-			return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
+			return b.entryErr(i, err)
+		}
+		if len(b.regAt) < len(b.regs) {
+			b.regAt = append(b.regAt, i)
 		}
 		if n != nil && n.Type == metadata.TypeReg && e.Type == "reg" && n.Size > 0 {
 			if err := addChunk(n, e); err != nil {
 				return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
 			}
-			last = n
+			last, lastAt = n, i
 		}
 	}
 	if last != nil {
 		if err := checkTiling(last); err != nil {
-			return fmt.Errorf("last regular file: %w", err)
+			return b.entryErr(lastAt, err)
 		}
 	}
 	return nil
+}
+
+// entryErr names TOC entry i in err.
+func (b *builder) entryErr(i int, err error) error {
+	return fmt.Errorf("TOC entry %d (%q): %w", i, b.toc.Entries[i].Name, err)
 }
 
 // cleanName checks a TOC path and returns it without "./" prefix or "/" suffix.
@@ -374,6 +389,9 @@ func addChunk(n *metadata.Node, e *estargz.TOCEntry) error {
 	if e.Offset < 0 || e.InnerOffset < 0 || size <= 0 || e.ChunkOffset < 0 {
 		return fmt.Errorf("chunk at %d+%d (blob offset %d) is malformed", e.ChunkOffset, size, e.Offset)
 	}
+	if size > maxChunkSize || e.InnerOffset > maxChunkSpan {
+		return fmt.Errorf("chunk at %d+%d is larger than %d bytes", e.ChunkOffset, size, maxChunkSize)
+	}
 	c := metadata.Chunk{Offset: e.Offset, InnerOffset: e.InnerOffset, FileOffset: e.ChunkOffset, Size: size}
 	if e.ChunkDigest != "" {
 		d, err := digest.Parse(e.ChunkDigest)
@@ -418,13 +436,13 @@ func (b *builder) offsets() error {
 	for i := range all {
 		c := chunk(all[i])
 		if c.Offset >= b.toc.Offset {
-			return fmt.Errorf("chunk data at %d is not before the TOC at %d", c.Offset, b.toc.Offset)
+			return b.entryErr(b.regAt[all[i].n], fmt.Errorf("chunk data at %d is not before the TOC at %d", c.Offset, b.toc.Offset))
 		}
 		if i > 0 {
 			prev := chunk(all[i-1])
 			if c.Offset < prev.Offset || (c.Offset == prev.Offset && c.InnerOffset < prev.InnerOffset+prev.Size) {
-				return fmt.Errorf("chunk data at %d+%d overlaps or precedes the previous chunk at %d+%d",
-					c.Offset, c.InnerOffset, prev.Offset, prev.InnerOffset)
+				return b.entryErr(b.regAt[all[i].n], fmt.Errorf("chunk data at %d+%d overlaps or precedes the previous chunk at %d+%d",
+					c.Offset, c.InnerOffset, prev.Offset, prev.InnerOffset))
 			}
 		}
 	}
@@ -432,6 +450,9 @@ func (b *builder) offsets() error {
 	for i := len(all) - 1; i >= 0; i-- {
 		c := chunk(all[i])
 		c.End = end
+		if c.End-c.Offset > maxChunkSpan {
+			return b.entryErr(b.regAt[all[i].n], fmt.Errorf("chunk data at %d spans %d compressed bytes, more than %d", c.Offset, c.End-c.Offset, maxChunkSpan))
+		}
 		if i == 0 || chunk(all[i-1]).Offset != c.Offset {
 			end = c.Offset
 		}

@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/lazycas/lazycas/metadata"
 )
@@ -59,7 +61,7 @@ func WriteFile(ctx context.Context, r RangeReader, f Format, n *metadata.Node, w
 			return err
 		}
 		for _, c := range batch {
-			if err := writeChunk(dec, buf[c.Offset-base:c.End-base], c, w); err != nil {
+			if err := writeChunk(f, dec, buf[c.Offset-base:c.End-base], c, w); err != nil {
 				return fmt.Errorf("chunk at file offset %d: %w", c.FileOffset, err)
 			}
 		}
@@ -67,12 +69,25 @@ func WriteFile(ctx context.Context, r RangeReader, f Format, n *metadata.Node, w
 	return nil
 }
 
-func writeChunk(dec estargz.Decompressor, compressed []byte, c metadata.Chunk, w io.Writer) error {
-	zr, err := dec.Reader(bytes.NewReader(compressed))
-	if err != nil {
-		return fmt.Errorf("decompress: %w", err)
+func writeChunk(f Format, dec estargz.Decompressor, compressed []byte, c metadata.Chunk, w io.Writer) error {
+	var zr io.Reader
+	switch f {
+	case FormatZstdChunked:
+		// A zstd decoder is costly to make (megabytes of tables): reuse them.
+		d := zstdDecoders.Get().(*zstd.Decoder)
+		defer zstdDecoders.Put(d)
+		if err := d.Reset(bytes.NewReader(compressed)); err != nil {
+			return fmt.Errorf("decompress: %w", err)
+		}
+		zr = d
+	default:
+		rc, err := dec.Reader(bytes.NewReader(compressed))
+		if err != nil {
+			return fmt.Errorf("decompress: %w", err)
+		}
+		defer rc.Close()
+		zr = rc
 	}
-	defer zr.Close()
 	if c.InnerOffset > 0 {
 		if _, err := io.CopyN(io.Discard, zr, c.InnerOffset); err != nil {
 			return fmt.Errorf("decompress: %w", err)
@@ -88,6 +103,14 @@ func writeChunk(dec estargz.Decompressor, compressed []byte, c metadata.Chunk, w
 			return fmt.Errorf("%w: got %s, want %s", ErrChunkDigest, got, c.Digest)
 		}
 	}
-	_, err = w.Write(data)
+	_, err := w.Write(data)
 	return err
 }
+
+var zstdDecoders = sync.Pool{New: func() any {
+	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	if err != nil {
+		panic(fmt.Sprintf("zstd decoder with static options: %v", err))
+	}
+	return d
+}}
