@@ -21,11 +21,13 @@ import (
 
 // Defaults used when neither the config file nor a flag sets a value.
 const (
-	DefaultPath      = "/etc/lazycas/config.toml"
-	DefaultRoot      = "/var/lib/lazycas"
-	DefaultAddress   = "/run/lazycas/lazycas.sock"
-	DefaultLogLevel  = "info"
-	DefaultLogFormat = "text"
+	DefaultPath    = "/etc/lazycas/config.toml"
+	DefaultRoot    = "/var/lib/lazycas"
+	DefaultAddress = "/run/lazycas/lazycas.sock"
+	// DefaultAPIAddress is the socket of lazycas's own API.
+	DefaultAPIAddress = "/run/lazycas/lazycas-api.sock"
+	DefaultLogLevel   = "info"
+	DefaultLogFormat  = "text"
 	// DefaultContainerdAddress is containerd's default socket.
 	DefaultContainerdAddress = "/run/containerd/containerd.sock"
 )
@@ -42,6 +44,10 @@ type Config struct {
 	Root string `toml:"root"`
 	// Address is the unix socket serving containerd's snapshots API.
 	Address string `toml:"address"`
+	// APIAddress is the unix socket of lazycas's own HTTP API, which
+	// `lazycas store stats` and `lazycas store gc` use; "" means next to
+	// Address: /run/lazycas/lazycas.sock gives /run/lazycas/lazycas-api.sock.
+	APIAddress string `toml:"api_address"`
 	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
 	LogLevel string `toml:"log_level"`
 	// LogFormat is "text" or "json".
@@ -50,6 +56,7 @@ type Config struct {
 	Snapshotter Snapshotter `toml:"snapshotter"`
 	FS          FS          `toml:"fs"`
 	Containerd  Containerd  `toml:"containerd"`
+	Store       Store       `toml:"store"`
 	Remote      Remote      `toml:"remote"`
 }
 
@@ -75,6 +82,14 @@ type FS struct {
 	BackgroundBandwidth Size `toml:"background_bandwidth"`
 	// Debug logs every FUSE request (very verbose).
 	Debug bool `toml:"debug"`
+}
+
+// Store configures the shared object store.
+type Store struct {
+	// MaxSize bounds the store's content, e.g. "20GiB"; beyond it the
+	// least recently used objects go, unreferenced ones first, never open
+	// ones. "" or "0" means no bound.
+	MaxSize Size `toml:"max_size"`
 }
 
 // Containerd says where the containerd this daemon serves listens. lazycas
@@ -234,6 +249,17 @@ func (c *Config) Validate() error {
 	if len(c.Address) > 107 {
 		return fmt.Errorf("key \"address\": socket path is %d bytes, the limit is 107", len(c.Address))
 	}
+	if c.APIAddress != "" {
+		if err := absPath("api_address", c.APIAddress); err != nil {
+			return err
+		}
+		if len(c.APIAddress) > 107 {
+			return fmt.Errorf("key \"api_address\": socket path is %d bytes, the limit is 107", len(c.APIAddress))
+		}
+		if c.APIAddress == c.Address {
+			return fmt.Errorf("key \"api_address\": must differ from \"address\"")
+		}
+	}
 	if !isOneOf(c.LogLevel, "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic") {
 		return fmt.Errorf("key \"log_level\": %q is not one of trace, debug, info, warn, error, fatal, panic", c.LogLevel)
 	}
@@ -271,6 +297,14 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("key \"remote.max_in_flight\": %d is not between 1 and 64", c.Remote.MaxInFlight)
 	}
 	return nil
+}
+
+// APISocket is the API's socket: APIAddress, or its default next to Address.
+func (c *Config) APISocket() string {
+	if c.APIAddress != "" {
+		return c.APIAddress
+	}
+	return strings.TrimSuffix(c.Address, ".sock") + "-api.sock"
 }
 
 func absPath(key, p string) error {

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -335,6 +336,70 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 		return fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)
 	}
 	return nil
+}
+
+// Stats describes the lazy layers, the store and the network.
+type Stats struct {
+	Store       store.Stats  `json:"store"`
+	Fetch       remote.Stats `json:"fetch"`
+	Mounted     int          `json:"mountedLayers"`
+	Passthrough bool         `json:"passthrough"`
+	Images      []ImageStats `json:"images"`
+}
+
+// ImageStats sums the layers mounted from one image reference.
+type ImageStats struct {
+	Ref    string `json:"ref"`
+	Layers int    `json:"layers"`
+	store.LayerStat
+}
+
+// Stats gathers the figures `lazycas store stats` shows.
+func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
+	var st Stats
+	var err error
+	if st.Store, err = f.store.Stats(); err != nil {
+		return st, err
+	}
+	st.Fetch = f.fetcher.Stats()
+	f.mu.Lock()
+	st.Mounted = len(f.layers)
+	for _, m := range f.layers {
+		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
+	}
+	f.mu.Unlock()
+	infos, err := f.meta.Layers()
+	if err != nil {
+		return st, err
+	}
+	per, err := f.store.LayerStats()
+	if err != nil {
+		return st, err
+	}
+	byRef := map[string]*ImageStats{}
+	for key, info := range infos {
+		im := byRef[info.Ref]
+		if im == nil {
+			im = &ImageStats{Ref: info.Ref}
+			byRef[info.Ref] = im
+		}
+		l := per[key]
+		im.Layers++
+		im.Files += l.Files
+		im.Bytes += l.Bytes
+		im.PresentFiles += l.PresentFiles
+		im.PresentBytes += l.PresentBytes
+	}
+	for _, im := range byRef {
+		st.Images = append(st.Images, *im)
+	}
+	sort.Slice(st.Images, func(i, j int) bool { return st.Images[i].Ref < st.Images[j].Ref })
+	return st, nil
+}
+
+// GC trims the store to maxBytes of content; see store.Store.GC.
+func (f *FileSystem) GC(ctx context.Context, maxBytes int64) (store.GCResult, error) {
+	return f.store.GC(ctx, maxBytes)
 }
 
 // blobRanges adapts a remote blob to layer.RangeReader.

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -38,6 +39,7 @@ type Service struct {
 	sn   *snapshot.Snapshotter
 	grpc *grpc.Server
 	lazy *lazy // nil when lazy layers are off
+	api  *http.Server
 }
 
 // lazy is what mounting lazy layers takes.
@@ -125,9 +127,10 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		fo.Finder = l.finder
 	}
 	l.fs = lazyfs.New(meta, st, l.fetcher, fo)
+	st.SetMaxBytes(cfg.Store.MaxSize.Bytes)
 	log.G(ctx).WithFields(log.Fields{
 		"store": st.Dir(), "passthrough": cfg.FS.Passthrough, "prefetch": cfg.FS.Prefetch,
-		"background_fetch": cfg.FS.BackgroundFetch, "opaque_xattr": opaque, "containerd": cfg.Containerd.Address,
+		"background_fetch": cfg.FS.BackgroundFetch, "max_size": cfg.Store.MaxSize.Bytes, "opaque_xattr": opaque, "containerd": cfg.Containerd.Address,
 	}).Info("lazy layers enabled")
 	return l, nil
 }
@@ -173,6 +176,7 @@ func (s *Service) Serve(l net.Listener) error {
 // Shutdown stops serving, waits up to grace for in-flight calls, and closes
 // the snapshotter. Mounts that containerd made stay: containers keep running.
 func (s *Service) Shutdown(ctx context.Context, grace time.Duration) error {
+	s.shutdownAPI(ctx)
 	done := make(chan struct{})
 	go func() {
 		s.grpc.GracefulStop()

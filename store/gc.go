@@ -107,11 +107,18 @@ func (s *Store) remove(d digest.Digest) (bool, error) {
 		s.mu.Unlock()
 		return false, nil
 	}
+	var size int64
+	if fi, err := os.Stat(s.path(d)); err == nil {
+		size = fi.Size()
+	}
 	err := os.Remove(s.path(d))
 	delete(s.used, d)
 	s.mu.Unlock()
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return false, err
+	}
+	if err == nil {
+		s.total.Add(-size)
 	}
 	if err := s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketObjects).Delete([]byte(d))

@@ -56,6 +56,12 @@ type Store struct {
 
 	fetchedBytes atomic.Int64
 	fetchedFiles atomic.Int64
+
+	// total is the content size of the sealed objects; maxBytes the budget
+	// beyond which a seal starts a collection (0: none).
+	total      atomic.Int64
+	maxBytes   atomic.Int64
+	collecting atomic.Bool
 }
 
 // fill is one fetch of an object that concurrent callers wait for.
@@ -96,11 +102,45 @@ func Open(ctx context.Context, dir string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: init index: %w", err)
 	}
-	log.G(ctx).WithField("dir", dir).Debug("store opened")
-	return &Store{
+	s := &Store{
 		dir: dir, db: db, inflight: map[digest.Digest]*fill{},
 		open: map[digest.Digest]int{}, used: map[digest.Digest]time.Time{},
-	}, nil
+	}
+	if err := db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketObjects).ForEach(func(_, v []byte) error {
+			size, _ := decodeRecord(v)
+			s.total.Add(size)
+			return nil
+		})
+	}); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: read index: %w", err)
+	}
+	log.G(ctx).WithFields(log.Fields{"dir": dir, "bytes": s.total.Load()}).Debug("store opened")
+	return s, nil
+}
+
+// SetMaxBytes bounds the store: a seal that takes it over n bytes starts a
+// collection in the background. 0 means no bound.
+func (s *Store) SetMaxBytes(n int64) { s.maxBytes.Store(n) }
+
+// Bytes is the content size of the sealed objects.
+func (s *Store) Bytes() int64 { return s.total.Load() }
+
+// maybeCollect starts one background collection when over budget.
+func (s *Store) maybeCollect(ctx context.Context) {
+	max := s.maxBytes.Load()
+	if max <= 0 || s.total.Load() <= max || !s.collecting.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer s.collecting.Store(false)
+		// Collect to 90% of the budget, so that the next seals do not
+		// each start a collection.
+		if _, err := s.GC(context.WithoutCancel(ctx), max-max/10); err != nil {
+			log.G(ctx).WithError(err).Warn("store: background collection")
+		}
+	}()
 }
 
 // Close records last uses and closes the index. Fills still running fail
@@ -293,6 +333,8 @@ func (s *Store) fill(ctx context.Context, d digest.Digest, size int64, fn FillFu
 	}
 	s.fetchedBytes.Add(size)
 	s.fetchedFiles.Add(1)
+	s.total.Add(size)
+	defer s.maybeCollect(ctx)
 	if err := s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketObjects).Put([]byte(d), encodeRecord(size, time.Now()))
 	}); err != nil {
@@ -454,4 +496,43 @@ func syncDir(dir string) error {
 	}
 	defer f.Close()
 	return f.Sync()
+}
+
+// LayerStat is what one layer holds and how much of it the store has.
+type LayerStat struct {
+	Files        int64 `json:"files"`
+	Bytes        int64 `json:"bytes"`
+	PresentFiles int64 `json:"presentFiles"`
+	PresentBytes int64 `json:"presentBytes"`
+}
+
+// LayerStats returns, per layer key, its files and how many are present.
+func (s *Store) LayerStats() (map[string]LayerStat, error) {
+	out := map[string]LayerStat{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		objects := tx.Bucket(bucketObjects)
+		layers := tx.Bucket(bucketLayers)
+		return layers.ForEach(func(name, v []byte) error {
+			if v != nil {
+				return nil
+			}
+			var st LayerStat
+			err := layers.Bucket(name).ForEach(func(d, v []byte) error {
+				var size int64
+				if len(v) == 8 {
+					size = int64(binary.BigEndian.Uint64(v))
+				}
+				st.Files++
+				st.Bytes += size
+				if objects.Get(d) != nil {
+					st.PresentFiles++
+					st.PresentBytes += size
+				}
+				return nil
+			})
+			out[string(name)] = st
+			return err
+		})
+	})
+	return out, err
 }

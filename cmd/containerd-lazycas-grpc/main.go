@@ -109,6 +109,17 @@ func serve(ctx context.Context, cfg config.Config) error {
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- svc.Serve(l) }()
+	apiL, err := service.Listen(ctx, cfg.APISocket())
+	if err != nil {
+		// Without its API the daemon still serves containerd.
+		logger.WithError(err).Warn("lazycas API not served")
+	} else {
+		go func() {
+			if err := svc.ServeAPI(apiL); err != nil {
+				logger.WithError(err).Error("lazycas API stopped")
+			}
+		}()
+	}
 	logger.WithField("version", version).Info("lazycas serving")
 
 	select {

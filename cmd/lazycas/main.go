@@ -24,6 +24,8 @@ const usage = `usage: lazycas [--debug] COMMAND [flags] [args]
 commands:
   image convert [flags] SRC DST   convert an image's layers to eStargz or zstd:chunked
   image pull [flags] REF          pull REF into containerd through the lazycas snapshotter
+  store stats [flags]             show the shared store: objects, bytes, dedup, per image
+  store gc [flags]                trim the shared store to a size
   version                         print the version
 
 Run "lazycas image convert -h" or "lazycas image pull -h" for their flags.
@@ -69,6 +71,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return imagePull(ctx, args[2:], stdout, stderr)
 	case args[0] == "image" && len(args) > 1 && args[1] == "convert":
 		return imageConvert(ctx, args[2:], stdout, stderr)
+	case args[0] == "store" && len(args) > 1 && args[1] == "stats":
+		return storeStats(ctx, args[2:], stdout, stderr)
+	case args[0] == "store" && len(args) > 1 && args[1] == "gc":
+		return storeGC(ctx, args[2:], stdout, stderr)
 	case args[0] == "-h" || args[0] == "--help" || args[0] == "help":
 		fmt.Fprint(stdout, usage)
 		return nil
