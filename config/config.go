@@ -90,6 +90,10 @@ type Store struct {
 	// least recently used objects go, unreferenced ones first, never open
 	// ones. "" or "0" means no bound.
 	MaxSize Size `toml:"max_size"`
+	// PartialMinSize is the file size from which reads are served piece
+	// by piece (each chunk verified on its own) while the file is
+	// fetched, instead of after all of it; "0" turns that off.
+	PartialMinSize Size `toml:"partial_min_size"`
 }
 
 // Containerd says where the containerd this daemon serves listens. lazycas
@@ -176,6 +180,7 @@ func Default() Config {
 			Lazy: true, Passthrough: true, Prefetch: true, BackgroundFetch: true, FetchConcurrency: 4,
 		},
 		Containerd: Containerd{Address: DefaultContainerdAddress},
+		Store:      Store{PartialMinSize: Size{4 << 20}},
 		Remote:     Remote{RequestTimeout: Duration{30 * time.Second}, Retries: 4, MaxInFlight: 4},
 	}
 }

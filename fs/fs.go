@@ -49,6 +49,10 @@ type Options struct {
 	BackgroundBandwidth int64
 	// Debug logs FUSE requests.
 	Debug bool
+	// PartialMinSize is the size from which a file is served piece by
+	// piece while it is fetched, instead of after the whole of it; 0
+	// turns piecewise reads off.
+	PartialMinSize int64
 	// Finder locates a layer whose Prepare carried no image labels; nil
 	// leaves such layers to be unpacked.
 	Finder LayerFinder
@@ -98,6 +102,8 @@ type mounted struct {
 	meta   *metadata.Layer
 	format layer.Format
 	fuse   *fuse.Layer
+	bg     context.Context    // background fetches; done when unmounted
+	wg     sync.WaitGroup     // background completions of large files
 	cancel context.CancelFunc // stops prefetch
 	done   chan struct{}      // closed when prefetch ended
 
@@ -267,7 +273,9 @@ func (f *FileSystem) Close() error {
 func (m *mounted) stop() error {
 	m.cancel()
 	<-m.done
-	return m.fuse.Unmount()
+	err := m.fuse.Unmount()
+	m.wg.Wait()
+	return err
 }
 
 // remoteBlob resolves the layer's blob once, on the first fetch after a
@@ -297,6 +305,9 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 	// let it finish, bounded by the fetcher's timeouts and retries.
 	ctx = context.WithoutCancel(ctx)
 	d := digest.Digest(n.Digest)
+	if !m.fs.store.Has(d) && m.piecewise(n) {
+		return m.openPartial(ctx, n)
+	}
 	// The store may collect the object between its fill and this open;
 	// then it is filled again, a bounded number of times.
 	for attempt := 0; ; attempt++ {
@@ -316,6 +327,87 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 	}
 }
 
+// piecewise reports whether n is served piece by piece until sealed: a
+// large file whose every chunk can be verified on its own.
+func (m *mounted) piecewise(n *metadata.Node) bool {
+	if m.fs.opts.PartialMinSize <= 0 || n.Size < m.fs.opts.PartialMinSize || len(n.Chunks) < 2 {
+		return false
+	}
+	for _, c := range n.Chunks {
+		if c.Digest == "" {
+			return false
+		}
+	}
+	return true
+}
+
+// openPartial serves a large file from its partial object, and completes
+// and seals it in the background.
+func (m *mounted) openPartial(ctx context.Context, n *metadata.Node) (fuse.File, error) {
+	p, err := m.fs.store.Partial(digest.Digest(n.Digest), n.Size)
+	if err != nil {
+		return nil, err
+	}
+	// Completed under the layer's fetch context: unmounting stops it.
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		if err := m.ensure(m.bg, n, &prefetched{}); err != nil && m.bg.Err() == nil {
+			log.G(ctx).WithError(err).WithField("inode", n.ID).Warn("complete large file in the background")
+		}
+	}()
+	return &partialFile{m: m, n: n, p: p}, nil
+}
+
+// partialFile is an open large file still being filled.
+type partialFile struct {
+	m *mounted
+	n *metadata.Node
+	p *store.Partial
+}
+
+func (f *partialFile) Fd() uintptr { return ^uintptr(0) }
+
+func (f *partialFile) Close() error {
+	f.p.Release()
+	return nil
+}
+
+// ReadAt fills the chunks [off, off+len(b)) covers, then reads them.
+func (f *partialFile) ReadAt(ctx context.Context, b []byte, off int64) (int, error) {
+	if off >= f.n.Size {
+		return 0, nil
+	}
+	end := min(off+int64(len(b)), f.n.Size)
+	ctx = context.WithoutCancel(ctx) // see mounted.Open
+	f.m.fs.fgActive.Add(1)
+	defer f.m.fs.fgActive.Add(-1)
+	for _, c := range f.n.Chunks {
+		if c.FileOffset+c.Size <= off || c.FileOffset >= end {
+			continue
+		}
+		if err := f.m.fillPiece(ctx, f.p, c, nil); err != nil {
+			return 0, fmt.Errorf("layer %s inode %d: %w", f.m.meta.Info.Digest, f.n.ID, err)
+		}
+	}
+	return f.p.ReadAt(b[:end-off], off)
+}
+
+// fillPiece makes chunk c present in p, reading the blob through r (the
+// plain blob when nil).
+func (m *mounted) fillPiece(ctx context.Context, p *store.Partial, c metadata.Chunk, r layer.RangeReader) error {
+	return p.Fill(ctx, c.FileOffset, c.Size, func(ctx context.Context) ([]byte, error) {
+		if r == nil {
+			b, err := m.remoteBlob(ctx)
+			if err != nil {
+				return nil, err
+			}
+			r = blobRanges{b}
+		}
+		return layer.ReadChunk(ctx, r, m.format, c)
+	})
+}
+
 // ensure fills the store with n's content, reading through pre (bytes
 // already fetched) where it covers the chunks. Background fetches (pre
 // non-nil, possibly empty) yield to readers and keep to the bandwidth cap.
@@ -330,7 +422,33 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 			pre.next = background{fs: m.fs, next: r}
 			r = pre
 		}
-		return layer.WriteFile(ctx, r, m.format, n, w)
+		if !m.piecewise(n) {
+			return layer.WriteFile(ctx, r, m.format, n, w)
+		}
+		// Through the partial object: pieces readers fetched are not
+		// fetched again, and readers see the pieces this fetches.
+		p, err := m.fs.store.Partial(digest.Digest(n.Digest), n.Size)
+		if err != nil {
+			return err
+		}
+		defer p.Release()
+		var buf []byte
+		for _, c := range n.Chunks {
+			if err := m.fillPiece(ctx, p, c, r); err != nil {
+				return err
+			}
+			if int64(cap(buf)) < c.Size {
+				buf = make([]byte, c.Size)
+			}
+			buf = buf[:c.Size]
+			if _, err := p.ReadAt(buf, c.FileOffset); err != nil {
+				return err
+			}
+			if _, err := w.Write(buf); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)

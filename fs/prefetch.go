@@ -25,6 +25,7 @@ const (
 // it fetches its file itself (or joins this fetch of the same file).
 func (m *mounted) startFetch(ctx context.Context) {
 	ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	m.bg = ctx
 	go func() {
 		defer close(m.done)
 		if !m.fs.opts.Prefetch && !m.fs.opts.Background {

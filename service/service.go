@@ -120,6 +120,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		Background:          cfg.FS.BackgroundFetch,
 		FetchConcurrency:    cfg.FS.FetchConcurrency,
 		BackgroundBandwidth: cfg.FS.BackgroundBandwidth.Bytes,
+		PartialMinSize:      cfg.Store.PartialMinSize.Bytes,
 		Debug:               cfg.FS.Debug,
 	}
 	if cfg.Containerd.Address != "" {

@@ -52,6 +52,7 @@ type Store struct {
 	mu       sync.Mutex
 	inflight map[digest.Digest]*fill
 	open     map[digest.Digest]int       // handles not closed yet
+	partials map[digest.Digest]*Partial
 	used     map[digest.Digest]time.Time // last opens not yet in the index
 
 	fetchedBytes atomic.Int64
@@ -72,16 +73,18 @@ type fill struct {
 
 // Open opens (creating if needed) the store in dir.
 func Open(ctx context.Context, dir string) (*Store, error) {
-	for _, d := range []string{filepath.Join(dir, "objects", "sha256"), filepath.Join(dir, "tmp")} {
+	for _, d := range []string{filepath.Join(dir, "objects", "sha256"), filepath.Join(dir, "tmp"), filepath.Join(dir, "partial")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("store: %w", err)
 		}
 	}
-	// Temporary files belong to fills of a previous process: not one of
-	// them was sealed, so none of them is worth keeping.
-	if tmps, err := os.ReadDir(filepath.Join(dir, "tmp")); err == nil {
-		for _, t := range tmps {
-			_ = os.Remove(filepath.Join(dir, "tmp", t.Name()))
+	// Temporary and partial files belong to fills of a previous process:
+	// not one of them was sealed, so none of them is trusted.
+	for _, sub := range []string{"tmp", "partial"} {
+		if tmps, err := os.ReadDir(filepath.Join(dir, sub)); err == nil {
+			for _, t := range tmps {
+				_ = os.Remove(filepath.Join(dir, sub, t.Name()))
+			}
 		}
 	}
 	db, err := bolt.Open(filepath.Join(dir, "index.db"), 0o600, &bolt.Options{Timeout: 3 * time.Second})
@@ -105,6 +108,7 @@ func Open(ctx context.Context, dir string) (*Store, error) {
 	s := &Store{
 		dir: dir, db: db, inflight: map[digest.Digest]*fill{},
 		open: map[digest.Digest]int{}, used: map[digest.Digest]time.Time{},
+		partials: map[digest.Digest]*Partial{},
 	}
 	if err := db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketObjects).ForEach(func(_, v []byte) error {
@@ -400,6 +404,8 @@ type Stats struct {
 	Unreferenced int64 `json:"unreferenced"`
 	// Open objects have handles open.
 	Open int64 `json:"open"`
+	// Partial objects are large files being filled piece by piece.
+	Partial int64 `json:"partial"`
 	// FetchedFiles and FetchedBytes count objects sealed since Open.
 	FetchedFiles int64 `json:"fetchedFiles"`
 	FetchedBytes int64 `json:"fetchedBytes"`
@@ -419,6 +425,7 @@ func (s *Store) Stats() (Stats, error) {
 	st := Stats{FetchedFiles: s.fetchedFiles.Load(), FetchedBytes: s.fetchedBytes.Load()}
 	s.mu.Lock()
 	st.Open = int64(len(s.open))
+	st.Partial = int64(len(s.partials))
 	s.mu.Unlock()
 	sizes := map[string]int64{}
 	referenced := map[string]bool{}

@@ -306,3 +306,82 @@ func TestStatsDedup(t *testing.T) {
 		t.Errorf("stats = %+v (ratio %v)", st, st.DedupRatio())
 	}
 }
+
+func TestPartialFillsPiecesOnceAndSealsThroughEnsure(t *testing.T) {
+	s, dir := open(t)
+	ctx := context.Background()
+	content := strings.Repeat("0123456789abcdef", 1<<16) // 1 MiB
+	d := digest.FromString(content)
+	size := int64(len(content))
+	p, err := s.Partial(d, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	piece := int64(256 << 10)
+	var fetches atomic.Int32
+	fetch := func(off int64) func(context.Context) ([]byte, error) {
+		return func(context.Context) ([]byte, error) {
+			fetches.Add(1)
+			return []byte(content[off : off+piece]), nil
+		}
+	}
+	// Concurrent readers of one piece fetch it once.
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := p.Fill(ctx, piece, piece, fetch(piece)); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := fetches.Load(); n != 1 {
+		t.Fatalf("piece fetched %d times", n)
+	}
+	buf := make([]byte, 10)
+	if _, err := p.ReadAt(buf, piece+3); err != nil || string(buf) != content[piece+3:piece+13] {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+	if _, err := p.ReadAt(buf, 0); err == nil {
+		t.Fatal("read of an unfilled piece succeeded")
+	}
+	if err := p.Fill(ctx, 0, piece, func(context.Context) ([]byte, error) { return []byte("short"), nil }); err == nil {
+		t.Fatal("a piece of the wrong size was accepted")
+	}
+	if err := p.Fill(ctx, size-1, piece, fetch(0)); err == nil {
+		t.Fatal("a piece beyond the end was accepted")
+	}
+	// Sealing copies the pieces out, fetching only the missing ones.
+	if _, err := s.Ensure(ctx, d, size, func(ctx context.Context, w io.Writer) error {
+		for off := int64(0); off < size; off += piece {
+			if err := p.Fill(ctx, off, piece, fetch(off)); err != nil {
+				return err
+			}
+			b := make([]byte, piece)
+			if _, err := p.ReadAt(b, off); err != nil {
+				return err
+			}
+			if _, err := w.Write(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n := fetches.Load(); n != 4 {
+		t.Errorf("%d piece fetches for 4 pieces", n)
+	}
+	if p.Filled() != size {
+		t.Errorf("filled %d of %d", p.Filled(), size)
+	}
+	p.Release()
+	if entries, _ := os.ReadDir(filepath.Join(dir, "partial")); len(entries) != 0 {
+		t.Errorf("%d partial files left after release", len(entries))
+	}
+	if !s.Has(d) {
+		t.Fatal("object not sealed")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"text/tabwriter"
 	"time"
 
@@ -133,7 +134,7 @@ func describePull(ctx context.Context, client *containerd.Client, img containerd
 		return res, fmt.Errorf("image %s: %d layers but %d diff IDs", img.Name(), len(manifest.Layers), len(diffIDs))
 	}
 	sn := client.SnapshotService(snapshotter)
-	for i, chainID := range identity.ChainIDs(diffIDs) {
+	for i, chainID := range identity.ChainIDs(slices.Clone(diffIDs)) {
 		l := manifest.Layers[i]
 		lr := layerResult{Digest: l.Digest.String(), MediaType: l.MediaType, Size: l.Size, ChainID: chainID.String(), Mode: "unpacked"}
 		info, err := sn.Stat(ctx, chainID.String())

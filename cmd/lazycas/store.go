@@ -93,7 +93,7 @@ func storeStats(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		mode = "passthrough"
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "objects\t%d (%d partial, %d open, %d unreferenced)\n", s.Objects, 0, s.Open, s.Unreferenced)
+	fmt.Fprintf(tw, "objects\t%d (%d open, %d unreferenced), %d partial\n", s.Objects, s.Open, s.Unreferenced, s.Partial)
 	fmt.Fprintf(tw, "stored\t%s content, %s on disk\n", size(s.Bytes), size(s.DiskBytes))
 	fmt.Fprintf(tw, "referenced by layers\t%s of %s of files (%d layers mounted, %s)\n", size(s.LogicalBytes), size(s.LayerFileBytes), st.Mounted, mode)
 	fmt.Fprintf(tw, "dedup ratio\t%.2f\n", s.DedupRatio())

@@ -37,10 +37,18 @@ type Files interface {
 	Open(ctx context.Context, n *metadata.Node) (File, error)
 }
 
-// File is an open file with n's content, such as a store object.
+// File is an open file with n's content: a store object, or a large file
+// still being filled (which also implements PieceReader).
 type File interface {
 	Fd() uintptr
 	Close() error
+}
+
+// PieceReader is a File whose bytes may not all be present yet: each read
+// makes the bytes it covers present first. Such files are never passed
+// through to the kernel.
+type PieceReader interface {
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 }
 
 // Options configure a mount.
@@ -66,7 +74,7 @@ type Layer struct {
 
 // Stats counts FUSE operations, for profiling and tests.
 type Stats struct {
-	Lookups, Getattrs, Readdirs, Opens, Reads, OpenErrors atomic.Int64
+	Lookups, Getattrs, Readdirs, Opens, Reads, OpenErrors, ReadErrors atomic.Int64
 }
 
 // cacheTimeout is how long the kernel may cache entries and attributes:
@@ -319,7 +327,10 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			Error("cannot serve file content: reads fail with EIO")
 		return nil, 0, syscall.EIO
 	}
-	return &file{f: f, passthrough: n.m.passthrough.Load(), stats: n.m.stats}, fuse.FOPEN_KEEP_CACHE, 0
+	return &file{
+		f: f, passthrough: n.m.passthrough.Load(), stats: n.m.stats,
+		log: n.m.log.WithFields(log.Fields{"inode": n.meta.ID, "digest": n.meta.Digest}),
+	}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 // file serves a regular file from its verified object.
@@ -327,6 +338,7 @@ type file struct {
 	f           File
 	passthrough bool
 	stats       *Stats
+	log         *log.Entry
 }
 
 var (
@@ -337,11 +349,20 @@ var (
 
 func (f *file) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f.stats.Reads.Add(1)
+	if pr, ok := f.f.(PieceReader); ok {
+		n, err := pr.ReadAt(ctx, dest, off)
+		if err != nil {
+			f.stats.ReadErrors.Add(1)
+			f.log.WithError(err).Error("cannot serve file content: read fails with EIO")
+			return nil, syscall.EIO
+		}
+		return fuse.ReadResultData(dest[:n]), 0
+	}
 	return fuse.ReadResultFd(f.f.Fd(), off, len(dest)), 0
 }
 
 func (f *file) PassthroughFd() (int, bool) {
-	if !f.passthrough {
+	if _, partial := f.f.(PieceReader); !f.passthrough || partial {
 		return 0, false
 	}
 	return int(f.f.Fd()), true

@@ -69,6 +69,29 @@ func WriteFile(ctx context.Context, r RangeReader, f Format, n *metadata.Node, w
 	return nil
 }
 
+// ReadChunk fetches, decompresses and checks one chunk of a file: what a
+// read of part of a large file needs. The chunk must have a digest: an
+// unverifiable piece is never served on its own.
+func ReadChunk(ctx context.Context, r RangeReader, f Format, c metadata.Chunk) ([]byte, error) {
+	if c.Digest == "" {
+		return nil, fmt.Errorf("chunk at file offset %d has no digest to verify it alone", c.FileOffset)
+	}
+	dec, err := Decompressor(f)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, c.End-c.Offset)
+	if err := r.ReadRanges(ctx, []Range{{Off: c.Offset, Buf: buf}}); err != nil {
+		return nil, err
+	}
+	var out bytes.Buffer
+	out.Grow(int(c.Size))
+	if err := writeChunk(f, dec, buf, c, &out); err != nil {
+		return nil, fmt.Errorf("chunk at file offset %d: %w", c.FileOffset, err)
+	}
+	return out.Bytes(), nil
+}
+
 func writeChunk(f Format, dec estargz.Decompressor, compressed []byte, c metadata.Chunk, w io.Writer) error {
 	var zr io.Reader
 	switch f {
