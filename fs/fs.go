@@ -255,6 +255,37 @@ func (f *FileSystem) forget(ctx context.Context, key string) {
 	}
 }
 
+// Prune forgets the metadata and store references of every layer whose
+// key is not in keep and that is not mounted.
+func (f *FileSystem) Prune(ctx context.Context, keep map[string]bool) error {
+	infos, err := f.meta.Layers()
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for key := range infos {
+		if keep[key] || f.layers[key] != nil {
+			continue
+		}
+		log.G(ctx).WithField("key", key).Info("forgetting the layer of a vanished snapshot")
+		f.forget(ctx, key)
+	}
+	// References may outlive their metadata (a crash inside forget).
+	refs, err := f.store.LayerStats()
+	if err != nil {
+		return err
+	}
+	for key := range refs {
+		if _, ok := infos[key]; !ok && !keep[key] && f.layers[key] == nil {
+			if err := f.store.ReleaseLayer(key); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // Close unmounts every layer; their metadata stays for Restore.
 func (f *FileSystem) Close() error {
 	f.mu.Lock()

@@ -122,6 +122,7 @@ func TestSharedStoreDedupsAcrossImages(t *testing.T) {
 	if err != nil {
 		t.Fatalf("lazycas store stats: %v\n%s", err, text)
 	}
+	t.Logf("lazycas store stats:\n%s", text)
 	for _, want := range []string{"dedup ratio", first, second, fmt.Sprintf("%d", after.Store.Objects)} {
 		if !strings.Contains(string(text), want) {
 			t.Errorf("store stats output lacks %q:\n%s", want, text)

@@ -346,6 +346,28 @@ func (s *Snapshotter) restoreRemote(ctx context.Context) {
 	if len(remotes) > 0 {
 		log.G(ctx).WithField("count", len(remotes)).Info("remote snapshots restored")
 	}
+	// Layers recorded for snapshots that no longer exist (a crash between
+	// mounting and committing, or during Remove) are forgotten.
+	if p, ok := s.fs.(Pruner); ok {
+		keep := map[string]bool{}
+		_ = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+			ids, err := storage.IDMap(ctx)
+			for id := range ids {
+				keep[id] = true
+			}
+			return err
+		})
+		if err := p.Prune(ctx, keep); err != nil {
+			log.G(ctx).WithError(err).Warn("forget layers of vanished snapshots")
+		}
+	}
+}
+
+// Pruner is a FileSystem that can forget the layers of snapshots that no
+// longer exist.
+type Pruner interface {
+	// Prune forgets every layer whose key is not in keep.
+	Prune(ctx context.Context, keep map[string]bool) error
 }
 
 // View creates a read-only snapshot of parent.
