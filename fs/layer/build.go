@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"path"
+	"sort"
 	"strings"
 	"time"
 
@@ -485,5 +486,13 @@ func (b *builder) tree() *Tree {
 		}
 	}
 	walk(b.root)
+	// In key order, bbolt appends instead of splitting pages at random.
+	sort.Slice(t.Dirents, func(i, j int) bool {
+		a, b := t.Dirents[i], t.Dirents[j]
+		if a.Parent != b.Parent {
+			return a.Parent < b.Parent
+		}
+		return a.Name < b.Name
+	})
 	return t
 }

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
@@ -169,7 +170,11 @@ func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, err
 		toc.Format, toc.Offset = f, tocOff
 		return toc, nil
 	}
-	return nil, fmt.Errorf("%w: %w", ErrNotLazy, errors.Join(errs...))
+	msgs := make([]string, len(errs))
+	for i, e := range errs {
+		msgs[i] = e.Error()
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotLazy, strings.Join(msgs, "; "))
 }
 
 // readAt fills p from offset off of r. An io.ReaderAt may return io.EOF
