@@ -1,7 +1,6 @@
 package testenv
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 )
 
 // removeAllContainers kills and deletes every task and container in every
@@ -152,30 +152,15 @@ func MountsUnder(dir string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open("/proc/self/mountinfo")
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(abs))
 	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var mps []string
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 0, 64*1024), 1024*1024)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeOctal(fields[4])
-		if mp == abs || strings.HasPrefix(mp, abs+"/") {
-			mps = append(mps, mp)
-		}
-	}
-	if err := s.Err(); err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
-	// mountinfo lists older mounts first: reverse, then deepest first.
-	for i, j := 0, len(mps)-1; i < j; i, j = i+1, j-1 {
-		mps[i], mps[j] = mps[j], mps[i]
+	// mountinfo lists older mounts first: newest first, then deepest first.
+	sort.SliceStable(infos, func(i, j int) bool { return infos[i].ID > infos[j].ID })
+	mps := make([]string, len(infos))
+	for i, m := range infos {
+		mps[i] = m.Mountpoint
 	}
 	sort.SliceStable(mps, func(i, j int) bool {
 		return strings.Count(mps[i], "/") > strings.Count(mps[j], "/")
@@ -218,23 +203,4 @@ func unmountUnder(dir string) error {
 		err = fmt.Errorf("still mounted under %s: %s", dir, strings.Join(mps, ", "))
 	}
 	return err
-}
-
-// unescapeOctal undoes mountinfo's octal escapes (\040 for a space).
-func unescapeOctal(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

@@ -14,7 +14,6 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/pkg/cio"
-	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -115,21 +114,7 @@ func UniqueID(prefix string) string {
 // NewContainer creates container id from img on a new lazycas snapshot
 // named id. Without args it runs the image's command.
 func (e *Env) NewContainer(ctx context.Context, img client.Image, id string, args ...string) (client.Container, error) {
-	specOpts := []oci.SpecOpts{oci.WithImageConfig(img)}
-	if len(args) > 0 {
-		specOpts = append(specOpts, oci.WithProcessArgs(args...))
-	}
-	c, err := e.Client.NewContainer(e.Context(ctx), id,
-		client.WithImage(img),
-		client.WithSnapshotter(Snapshotter),
-		client.WithNewSnapshot(id, img),
-		client.WithRuntime(Runtime, nil),
-		client.WithNewSpec(specOpts...),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("create container %s: %w", id, err)
-	}
-	return c, nil
+	return e.NewContainerOn(ctx, Snapshotter, img, id, args...)
 }
 
 // Result is the outcome of a task run to completion.
@@ -190,15 +175,7 @@ func (e *Env) DeleteContainer(ctx context.Context, c client.Container) error {
 // Run creates a container from img, runs args (or the image's command) in
 // it to completion, and deletes the container and its snapshot.
 func (e *Env) Run(ctx context.Context, img client.Image, id string, args ...string) (*Result, error) {
-	c, err := e.NewContainer(ctx, img, id, args...)
-	if err != nil {
-		return nil, err
-	}
-	res, runErr := e.RunTask(ctx, c)
-	if err := e.DeleteContainer(ctx, c); err != nil && runErr == nil {
-		return nil, err
-	}
-	return res, runErr
+	return e.RunOn(ctx, Snapshotter, img, id, args...)
 }
 
 // syncBuffer is a bytes.Buffer safe for the concurrent writes of a task's
