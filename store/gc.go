@@ -30,6 +30,9 @@ type GCResult struct {
 // that are open are never removed. Reads and fills go on meanwhile.
 func (s *Store) GC(ctx context.Context, maxBytes int64) (GCResult, error) {
 	var res GCResult
+	if err := s.commit(); err != nil {
+		return res, fmt.Errorf("store gc: %w", err)
+	}
 	if err := s.flushUses(); err != nil {
 		return res, fmt.Errorf("store gc: %w", err)
 	}
