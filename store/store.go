@@ -56,7 +56,7 @@ type Store struct {
 
 	mu       sync.Mutex
 	inflight map[digest.Digest]*fill
-	open     map[digest.Digest]int       // handles not closed yet
+	open     map[digest.Digest]int // handles not closed yet
 	partials map[digest.Digest]*Partial
 	used     map[digest.Digest]time.Time // last opens not yet in the index
 
@@ -654,7 +654,6 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	c.n += int64(n)
 	return n, err
 }
-
 
 // LayerStat is what one layer holds and how much of it the store has.
 type LayerStat struct {
