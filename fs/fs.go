@@ -102,10 +102,13 @@ type mounted struct {
 	meta   *metadata.Layer
 	format layer.Format
 	fuse   *fuse.Layer
-	bg     context.Context    // background fetches; done when unmounted
-	wg     sync.WaitGroup     // background completions of large files
-	cancel context.CancelFunc // stops prefetch
-	done   chan struct{}      // closed when prefetch ended
+	bg     context.Context // background fetches; done when unmounted
+	wg     sync.WaitGroup  // background completions of large files, readahead
+
+	spansOnce sync.Once
+	fileSpans []fileSpan         // regular files in blob order, for readahead
+	cancel    context.CancelFunc // stops prefetch
+	done      chan struct{}      // closed when prefetch ended
 
 	blobMu sync.Mutex
 	blob   *remote.Blob
@@ -350,7 +353,7 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 			return nil, fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)
 		}
 		m.fs.fgActive.Add(1)
-		err = m.ensure(ctx, n, nil)
+		err = m.fetchAround(ctx, n)
 		m.fs.fgActive.Add(-1)
 		if err != nil {
 			return nil, err
@@ -450,7 +453,11 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 		}
 		var r layer.RangeReader = blobRanges{b}
 		if pre != nil {
-			pre.next = background{fs: m.fs, next: r}
+			// Without a reader of its own, pre belongs to a background
+			// fetch: its misses yield to readers and keep to the cap.
+			if pre.next == nil {
+				pre.next = background{fs: m.fs, next: r}
+			}
 			r = pre
 		}
 		if !m.piecewise(n) {
