@@ -212,12 +212,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 func (e *Env) startContainerd(ctx context.Context) error {
 	cfg := filepath.Join(e.Dir, "containerd.toml")
 	root := filepath.Join(e.Dir, "containerd")
-	body := fmt.Sprintf(containerdConfig, root, filepath.Join(e.RunDir, "state"), e.ContainerdAddress,
-		e.ContainerdAddress+".ttrpc", filepath.Join(root, "opt"), e.DaemonAddress)
-	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
-		return err
+	var p *process
+	var err error
+	if e.opts.Containerd2 {
+		p, err = e.startContainerd2(ctx, cfg, root)
+	} else {
+		body := fmt.Sprintf(containerdConfig, root, filepath.Join(e.RunDir, "state"), e.ContainerdAddress,
+			e.ContainerdAddress+".ttrpc", filepath.Join(root, "opt"), e.DaemonAddress)
+		if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+			return err
+		}
+		p, err = startProcess("containerd", filepath.Join(e.Dir, containerdLog), containerdBinary, "--config", cfg)
 	}
-	p, err := startProcess("containerd", filepath.Join(e.Dir, containerdLog), containerdBinary, "--config", cfg)
 	if err != nil {
 		return err
 	}

@@ -1,8 +1,8 @@
 // Package testenv runs lazycas end to end on this machine: a real registry
-// (Debian's docker-registry), a private containerd 1.6 whose proxy plugin
-// "lazycas" is the lazycas daemon, and that daemon, all in one private work
-// directory. The integration tests and the demo use it; production code
-// must not import it.
+// (Debian's docker-registry), a private containerd 1.6 (or 2.x with
+// Options.Containerd2) whose proxy plugin "lazycas" is the lazycas daemon,
+// and that daemon, all in one private work directory. The integration tests
+// and the demo use it; production code must not import it.
 //
 // Contract: Start either returns a running environment or cleans up what it
 // started. Close always stops every process the environment started (and
@@ -49,6 +49,9 @@ type Options struct {
 	DaemonConfig string
 	// Namespace is the containerd namespace; DefaultNamespace when empty.
 	Namespace string
+	// Containerd2 runs containerd Containerd2Version (built once into the
+	// test cache, see BuildContainerd2) instead of Debian's 1.6.
+	Containerd2 bool
 	// Logf receives progress messages; nil discards them.
 	Logf func(format string, args ...any)
 }

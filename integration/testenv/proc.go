@@ -25,13 +25,18 @@ type process struct {
 // startProcess starts bin with args, writing stdout and stderr to logPath
 // (appending, so a restarted daemon keeps its earlier log).
 func startProcess(name, logPath, bin string, args ...string) (*process, error) {
+	return startProcessEnv(name, logPath, bin, daemonEnv(), args...)
+}
+
+// startProcessEnv is startProcess with the environment env.
+func startProcessEnv(name, logPath, bin string, env []string, args ...string) (*process, error) {
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("%s log: %w", name, err)
 	}
 	fmt.Fprintf(lf, "=== %s: %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
-	cmd.Env = daemonEnv()
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
