@@ -78,6 +78,7 @@ type FileSystem struct {
 	// foreground counts fetches for readers; background fetch waits for
 	// them, so a container's read never queues behind prefetch.
 	fgActive atomic.Int64
+	fgLast   atomic.Int64 // unix nanoseconds of a reader's last fetch
 	// limiter caps background fetch bandwidth; nil means no cap.
 	limiter *rate.Limiter
 }
@@ -203,6 +204,9 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 		return nil, err
 	}
 	m := &mounted{key: key, fs: f, meta: ml, format: layer.Format(ml.Info.Format), blob: blob, done: make(chan struct{})}
+	// Set before the mount serves: FUSE handlers start background fetches
+	// under it as soon as the mountpoint is visible.
+	m.bg, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	fl, err := fuse.Mount(ctx, mountpoint, ml, m, fuse.Options{
 		FsName:      "lazycas:" + ml.Info.Digest,
 		OpaqueXattr: f.opts.OpaqueXattr,
@@ -210,6 +214,7 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 		Debug:       f.opts.Debug,
 	})
 	if err != nil {
+		m.cancel()
 		return nil, err
 	}
 	m.fuse = fl
@@ -222,7 +227,7 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 		}
 		log.G(ctx).WithField("mode", mode).Info("file reads")
 	})
-	m.startFetch(ctx)
+	m.startFetch()
 	f.mu.Lock()
 	f.layers[key] = m
 	f.mu.Unlock()
@@ -352,9 +357,9 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 		if !errors.Is(err, store.ErrNotFound) || attempt == 3 {
 			return nil, fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)
 		}
-		m.fs.fgActive.Add(1)
+		done := m.fs.foreground()
 		err = m.fetchAround(ctx, n)
-		m.fs.fgActive.Add(-1)
+		done()
 		if err != nil {
 			return nil, err
 		}
@@ -414,8 +419,7 @@ func (f *partialFile) ReadAt(ctx context.Context, b []byte, off int64) (int, err
 	}
 	end := min(off+int64(len(b)), f.n.Size)
 	ctx = context.WithoutCancel(ctx) // see mounted.Open
-	f.m.fs.fgActive.Add(1)
-	defer f.m.fs.fgActive.Add(-1)
+	defer f.m.fs.foreground()()
 	for _, c := range f.n.Chunks {
 		if c.FileOffset+c.Size <= off || c.FileOffset >= end {
 			continue
@@ -472,6 +476,13 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 		defer p.Release()
 		var buf []byte
 		for _, c := range n.Chunks {
+			if pre != nil && !p.Has(c.FileOffset, c.Size) {
+				// Background: let readers go first, before claiming
+				// the piece (a reader may then wait for it).
+				if err := m.fs.yield(ctx); err != nil {
+					return err
+				}
+			}
 			if err := m.fillPiece(ctx, p, c, r); err != nil {
 				return err
 			}
@@ -573,17 +584,17 @@ func (r blobRanges) ReadRanges(ctx context.Context, ranges []layer.Range) error 
 // bandwidth budget at once; bigger reads wait for it in pieces.
 const limiterBurst = 16 << 20
 
-// background is the RangeReader of prefetch and background fetch: it waits
-// while readers fetch, and for the bandwidth cap.
+// background is the RangeReader of prefetch and background fetch: it keeps
+// to the bandwidth cap.
 type background struct {
 	fs   *FileSystem
 	next layer.RangeReader
 }
 
 func (b background) ReadRanges(ctx context.Context, ranges []layer.Range) error {
-	if err := b.fs.yield(ctx); err != nil {
-		return err
-	}
+	// No yield here: this may run inside a single-flight fetch that a
+	// reader waits for. Background work yields before it claims a file
+	// or a piece (fetchGroup, ensure).
 	if b.fs.limiter != nil {
 		var n int
 		for _, r := range ranges {
@@ -600,11 +611,12 @@ func (b background) ReadRanges(ctx context.Context, ranges []layer.Range) error 
 	return b.next.ReadRanges(ctx, ranges)
 }
 
-// yield waits, boundedly, while a reader is fetching: its request should
-// not share the link with prefetch. Bounded, so that a stream of reads
-// cannot starve prefetch for good.
+// yield waits, boundedly, while readers are fetching: during a
+// container's start-up burst of misses, prefetch should share neither the
+// link nor the CPU (decompressing, hashing) with them. Bounded, so that a
+// stream of reads cannot starve prefetch for good.
 func (f *FileSystem) yield(ctx context.Context) error {
-	for i := 0; i < 200 && f.fgActive.Load() > 0; i++ {
+	for i := 0; i < 200 && f.readersBusy(); i++ {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -612,6 +624,25 @@ func (f *FileSystem) yield(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// quietAfterRead is how long after a reader's fetch background fetch
+// still holds back: a program's reads come in bursts with computing in
+// between.
+const quietAfterRead = 150 * time.Millisecond
+
+func (f *FileSystem) readersBusy() bool {
+	return f.fgActive.Load() > 0 || time.Since(time.Unix(0, f.fgLast.Load())) < quietAfterRead
+}
+
+// foreground marks a reader's fetch; call the returned func when it ends.
+func (f *FileSystem) foreground() func() {
+	f.fgActive.Add(1)
+	f.fgLast.Store(time.Now().UnixNano())
+	return func() {
+		f.fgLast.Store(time.Now().UnixNano())
+		f.fgActive.Add(-1)
+	}
 }
 
 // prefetched serves ranges from one buffer fetched for a group of files,

@@ -23,9 +23,8 @@ const (
 // prefetch list first, then (with Background) the rest. Files the store
 // has are skipped; a read by a container never waits behind this queue,
 // it fetches its file itself (or joins this fetch of the same file).
-func (m *mounted) startFetch(ctx context.Context) {
-	ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
-	m.bg = ctx
+func (m *mounted) startFetch() {
+	ctx := m.bg // set by serve, cancelled by stop
 	go func() {
 		defer close(m.done)
 		if !m.fs.opts.Prefetch && !m.fs.opts.Background {
@@ -144,6 +143,9 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node) (files int
 		if err != nil {
 			return 0, 0, err
 		}
+		if err := m.fs.yield(ctx); err != nil {
+			return 0, 0, err
+		}
 		buf := make([]byte, end-start)
 		r := background{fs: m.fs, next: blobRanges{b}}
 		if err := r.ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
@@ -160,6 +162,10 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node) (files int
 		}
 		if m.fs.store.Has(digest.Digest(n.Digest)) {
 			continue
+		}
+		// Sealing costs CPU too: readers first, file by file.
+		if err := m.fs.yield(ctx); err != nil {
+			return files, bytes, err
 		}
 		if err := m.ensure(ctx, n, pre); err != nil {
 			errs = append(errs, err)

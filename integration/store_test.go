@@ -2,10 +2,7 @@ package integration
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os/exec"
 	"strings"
 	"testing"
@@ -14,33 +11,16 @@ import (
 	lazyfs "github.com/lazycas/lazycas/fs"
 	"github.com/lazycas/lazycas/fs/convert"
 	"github.com/lazycas/lazycas/integration/testenv"
-	"github.com/lazycas/lazycas/service"
 )
 
-// apiSocket is the daemon's API socket, next to its snapshots socket.
-func apiSocket(env *testenv.Env) string {
-	return strings.TrimSuffix(env.DaemonAddress, ".sock") + "-api.sock"
-}
+// apiSocket is the daemon's API socket.
+func apiSocket(env *testenv.Env) string { return env.APISocket() }
 
 // daemonStats asks the daemon's API for its figures.
 func daemonStats(ctx context.Context, t *testing.T, env *testenv.Env) lazyfs.Stats {
 	t.Helper()
-	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", apiSocket(env))
-		},
-	}}
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazycas"+service.APIStats, nil)
-	resp, err := c.Do(req)
+	st, err := env.DaemonStats(ctx)
 	if err != nil {
-		t.Fatalf("daemon stats: %v", err)
-	}
-	defer resp.Body.Close()
-	var st lazyfs.Stats
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("daemon stats: %s", resp.Status)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
 		t.Fatal(err)
 	}
 	return st

@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +21,10 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 
 	"github.com/lazycas/lazycas/fs/convert"
+
+	lazyfs "github.com/lazycas/lazycas/fs"
+
+	"github.com/lazycas/lazycas/service"
 )
 
 // The lazycas CLI against the environment, other snapshotters, and the
@@ -239,4 +245,32 @@ func (e *Env) SnapshotCalls() ([]SnapshotCall, error) {
 		return nil, errors.New("the lazycas log holds no JSON lines: start the environment with DaemonConfig JSONLogConfig")
 	}
 	return calls, nil
+}
+
+// APISocket is the daemon's own API socket, next to its snapshots socket.
+func (e *Env) APISocket() string {
+	return strings.TrimSuffix(e.DaemonAddress, ".sock") + "-api.sock"
+}
+
+// DaemonStats asks the daemon's API for its store and fetch figures.
+func (e *Env) DaemonStats(ctx context.Context) (lazyfs.Stats, error) {
+	var st lazyfs.Stats
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", e.APISocket())
+		},
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazycas"+service.APIStats, nil)
+	if err != nil {
+		return st, err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return st, fmt.Errorf("daemon stats: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return st, fmt.Errorf("daemon stats: %s", resp.Status)
+	}
+	return st, json.NewDecoder(resp.Body).Decode(&st)
 }

@@ -198,7 +198,12 @@ func demoLazy(ctx context.Context, env *testenv.Env, cli, tmp string, pushed *te
 	detail("and the manifest pins each TOC by its digest; to any other snapshotter it is still a plain gzip image")
 
 	step("Pulling it into lazycas with the lazycas CLI (it passes the image and layer labels CRI and nerdctl pass)")
+	before, err := env.DaemonStats(ctx)
+	if err != nil {
+		return err
+	}
 	t = time.Now()
+	pullStart := t
 	if err := runCLI(ctx, env, cli, env.PullArgs(lazyRef)); err != nil {
 		return err
 	}
@@ -238,6 +243,18 @@ func demoLazy(ctx context.Context, env *testenv.Env, cli, tmp string, pushed *te
 		return fmt.Errorf("python3 exited with status %d: %s", res.ExitCode, strings.TrimSpace(res.Stderr))
 	}
 	detail("exit status 0 after %s (container created, run and deleted)", since(t))
+	after, err := env.DaemonStats(ctx)
+	if err != nil {
+		return err
+	}
+	fetched := after.Fetch.BytesFetched - before.Fetch.BytesFetched
+	size, err := img.Size(env.Context(ctx))
+	if err != nil {
+		return fmt.Errorf("size of %s: %w", lazyRef, err)
+	}
+	detail("from the start of the pull to python's exit: %s; lazycas had fetched %s of the image's %s",
+		since(pullStart), mb(fetched), mb(size))
+	detail("(TOCs, what python read, and what prefetch and background fetch had brought by then)")
 	if lazy > 0 {
 		detail("python read its files through lazycas's FUSE mounts: fetched from the registry after the mount")
 		detail("and checked against the TOC's digests before python saw a byte")
