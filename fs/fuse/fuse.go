@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sort"
 	"sync/atomic"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/lazycas/lazycas/metadata"
 )
@@ -67,6 +69,7 @@ type Options struct {
 // Layer is a mounted layer.
 type Layer struct {
 	dir         string
+	dev         uint64 // the mount's device: names its fusectl connection
 	server      *fuse.Server
 	stats       *Stats
 	passthrough bool
@@ -120,7 +123,12 @@ func Mount(ctx context.Context, dir string, l *metadata.Layer, files Files, opts
 	}
 	pt := opts.Passthrough && server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0
 	m.passthrough.Store(pt)
-	return &Layer{dir: dir, server: server, stats: st, passthrough: pt}, nil
+	var stat unix.Stat_t
+	if err := unix.Stat(dir, &stat); err != nil {
+		server.Unmount()
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	return &Layer{dir: dir, dev: stat.Dev, server: server, stats: st, passthrough: pt}, nil
 }
 
 // Passthrough reports whether the kernel reads this layer's open files
@@ -130,18 +138,61 @@ func (l *Layer) Passthrough() bool { return l.passthrough }
 // Stats returns the mount's operation counters.
 func (l *Layer) Stats() *Stats { return l.stats }
 
+// unmountWait bounds how long Unmount waits for the kernel to let go of
+// the mount before it aborts the FUSE connection.
+const unmountWait = 3 * time.Second
+
 // Unmount unmounts the layer and stops serving it. When the mount is busy
-// (an overlay still stacks it), it is detached lazily so the daemon never
-// leaves a dead FUSE mount behind.
+// (an overlay still stacks it, a file on it is open), the kernel keeps the
+// connection alive after the unmount and the server would wait for it for
+// as long as that lasts: after unmountWait the connection is aborted
+// through fusectl, and the remaining users get ENOTCONN, as they would
+// from a dead daemon. Unmount never leaves a mount behind or blocks for good.
 func (l *Layer) Unmount() error {
-	err := l.server.Unmount()
-	if err != nil {
-		if derr := syscall.Unmount(l.dir, syscall.MNT_DETACH); derr != nil && !errors.Is(derr, syscall.EINVAL) {
-			return fmt.Errorf("unmount %s: %w (detach: %v)", l.dir, err, derr)
+	done := make(chan error, 1)
+	go func() {
+		err := l.server.Unmount()
+		if err != nil {
+			if derr := syscall.Unmount(l.dir, syscall.MNT_DETACH); derr != nil && !errors.Is(derr, syscall.EINVAL) {
+				err = fmt.Errorf("unmount %s: %w (detach: %v)", l.dir, err, derr)
+			} else {
+				err = nil
+			}
+		}
+		if err == nil {
+			l.server.Wait()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(unmountWait):
+	}
+	// Detach, in case the unmount itself is what waits, then abort.
+	_ = syscall.Unmount(l.dir, syscall.MNT_DETACH)
+	if err := abortConnection(l.dev); err != nil {
+		return fmt.Errorf("unmount %s: still in use after %s and cannot abort it: %w", l.dir, unmountWait, err)
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(unmountWait):
+		return fmt.Errorf("unmount %s: the server did not stop after its connection was aborted", l.dir)
+	}
+}
+
+// abortConnection aborts the FUSE connection of the filesystem with
+// device number dev, mounting fusectl if needed.
+func abortConnection(dev uint64) error {
+	const ctl = "/sys/fs/fuse/connections"
+	p := fmt.Sprintf("%s/%d/abort", ctl, unix.Minor(dev))
+	if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+		if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount fusectl: %w", err)
 		}
 	}
-	l.server.Wait()
-	return nil
+	return os.WriteFile(p, []byte("1"), 0o200)
 }
 
 type mount struct {
@@ -157,6 +208,11 @@ type node struct {
 	fs.Inode
 	m    *mount
 	meta *metadata.Node
+	// cachedOpens counts this inode's open handles not offered for
+	// passthrough (files still being fetched, or passthrough off): while
+	// one is open, the kernel fails a passthrough open of the inode with
+	// EIO, so none is offered.
+	cachedOpens atomic.Int32
 }
 
 var (
@@ -327,16 +383,24 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			Error("cannot serve file content: reads fail with EIO")
 		return nil, 0, syscall.EIO
 	}
-	return &file{
-		f: f, passthrough: n.m.passthrough.Load(), stats: n.m.stats,
+	h := &file{
+		f: f, stats: n.m.stats,
 		log: n.m.log.WithFields(log.Fields{"inode": n.meta.ID, "digest": n.meta.Digest}),
-	}, fuse.FOPEN_KEEP_CACHE, 0
+	}
+	_, partial := f.(PieceReader)
+	h.passthrough = n.m.passthrough.Load() && !partial && n.cachedOpens.Load() == 0
+	if !h.passthrough {
+		h.cached = &n.cachedOpens
+		h.cached.Add(1)
+	}
+	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 // file serves a regular file from its verified object.
 type file struct {
 	f           File
-	passthrough bool
+	passthrough bool          // offered for passthrough
+	cached      *atomic.Int32 // its node's cachedOpens when not offered
 	stats       *Stats
 	log         *log.Entry
 }
@@ -362,13 +426,16 @@ func (f *file) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResul
 }
 
 func (f *file) PassthroughFd() (int, bool) {
-	if _, partial := f.f.(PieceReader); !f.passthrough || partial {
+	if !f.passthrough {
 		return 0, false
 	}
 	return int(f.f.Fd()), true
 }
 
 func (f *file) Release(ctx context.Context) syscall.Errno {
+	if f.cached != nil {
+		f.cached.Add(-1)
+	}
 	f.f.Close()
 	return 0
 }
