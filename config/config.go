@@ -74,6 +74,10 @@ type FS struct {
 	Prefetch bool `toml:"prefetch"`
 	// BackgroundFetch then fetches the rest of the layer.
 	BackgroundFetch bool `toml:"background_fetch"`
+	// BackgroundDelay is how long after a layer is mounted background
+	// fetch waits, so that the container that usually starts right then
+	// has the link to itself, e.g. "2s".
+	BackgroundDelay Duration `toml:"background_delay"`
 	// FetchConcurrency bounds the files one layer fetches at once.
 	FetchConcurrency int `toml:"fetch_concurrency"`
 	// BackgroundBandwidth caps prefetch and background fetch over all
@@ -177,7 +181,8 @@ func Default() Config {
 		LogLevel:  DefaultLogLevel,
 		LogFormat: DefaultLogFormat,
 		FS: FS{
-			Lazy: true, Passthrough: true, Prefetch: true, BackgroundFetch: true, FetchConcurrency: 4,
+			Lazy: true, Passthrough: true, Prefetch: true, BackgroundFetch: true, FetchConcurrency: 2,
+			BackgroundDelay: Duration{2 * time.Second},
 		},
 		Containerd: Containerd{Address: DefaultContainerdAddress},
 		Store:      Store{PartialMinSize: Size{4 << 20}},
@@ -281,6 +286,9 @@ func (c *Config) Validate() error {
 	}
 	if c.FS.FetchConcurrency < 1 || c.FS.FetchConcurrency > 64 {
 		return fmt.Errorf("key \"fs.fetch_concurrency\": %d is not between 1 and 64", c.FS.FetchConcurrency)
+	}
+	if d := c.FS.BackgroundDelay.Duration; d < 0 || d > time.Hour {
+		return fmt.Errorf("key \"fs.background_delay\": %s is not between 0 and 1h", d)
 	}
 	if c.Containerd.Address != "" {
 		if err := absPath("containerd.address", c.Containerd.Address); err != nil {

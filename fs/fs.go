@@ -44,6 +44,9 @@ type Options struct {
 	Prefetch, Background bool
 	// FetchConcurrency bounds the files one layer prefetches at once.
 	FetchConcurrency int
+	// BackgroundDelay is how long after mounting a layer background
+	// fetch (not prefetch) waits before it starts.
+	BackgroundDelay time.Duration
 	// BackgroundBandwidth caps prefetch and background fetch, in bytes per
 	// second over all layers; 0 means no cap. Reads are never capped.
 	BackgroundBandwidth int64

@@ -119,6 +119,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		Prefetch:            cfg.FS.Prefetch,
 		Background:          cfg.FS.BackgroundFetch,
 		FetchConcurrency:    cfg.FS.FetchConcurrency,
+		BackgroundDelay:     cfg.FS.BackgroundDelay.Duration,
 		BackgroundBandwidth: cfg.FS.BackgroundBandwidth.Bytes,
 		PartialMinSize:      cfg.Store.PartialMinSize.Bytes,
 		Debug:               cfg.FS.Debug,
