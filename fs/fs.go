@@ -109,6 +109,8 @@ type mounted struct {
 	bg     context.Context // background fetches; done when unmounted
 	wg     sync.WaitGroup  // background completions of large files, readahead
 
+	winMu     sync.Mutex
+	windows   []*prefetched // recent readahead windows, newest last
 	spansOnce sync.Once
 	fileSpans []fileSpan         // regular files in blob order, for readahead
 	cancel    context.CancelFunc // stops prefetch

@@ -50,6 +50,11 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	if end-start >= readaheadSpan {
 		return m.ensure(ctx, n, nil)
 	}
+	// A window fetched for an earlier miss may hold this file while its
+	// files are still being sealed: read it from there, not again.
+	if w := m.window(start, end); w != nil {
+		return m.ensure(ctx, n, w)
+	}
 	spans := m.spans()
 	i := sort.Search(len(spans), func(i int) bool { return spans[i].off > start })
 	var more []uint64
@@ -73,6 +78,7 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		return err
 	}
 	pre := &prefetched{off: start, buf: buf, next: blobRanges{b}}
+	m.addWindow(pre)
 	if err := m.ensure(ctx, n, pre); err != nil {
 		return err
 	}
@@ -93,4 +99,31 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		}
 	}()
 	return nil
+}
+
+// maxWindows bounds the readahead windows kept in memory per layer.
+const maxWindows = 8
+
+// window returns a recent readahead window holding [start, end).
+func (m *mounted) window(start, end int64) *prefetched {
+	m.winMu.Lock()
+	defer m.winMu.Unlock()
+	for i := len(m.windows) - 1; i >= 0; i-- {
+		w := m.windows[i]
+		if start >= w.off && end <= w.off+int64(len(w.buf)) {
+			return w
+		}
+	}
+	return nil
+}
+
+// addWindow remembers a readahead window, forgetting the oldest beyond
+// maxWindows: their files are sealed by then, or fetched again if not.
+func (m *mounted) addWindow(w *prefetched) {
+	m.winMu.Lock()
+	defer m.winMu.Unlock()
+	m.windows = append(m.windows, w)
+	if len(m.windows) > maxWindows {
+		m.windows = append(m.windows[:0:0], m.windows[len(m.windows)-maxWindows:]...)
+	}
 }
