@@ -7,7 +7,7 @@ WITHGO := PATH="$$(cat bin/.go-path):$$PATH"
 GO := $(WITHGO) go
 GOTEST_TIMEOUT ?= 45m
 
-.PHONY: all deps build lint test test-short demo clean
+.PHONY: all deps build lint test test-short demo clean bench
 
 all: build
 
@@ -36,6 +36,12 @@ test-short: deps
 
 demo: build
 	$(GO) run ./script/demo -daemon bin/containerd-lazycas-grpc
+
+# lazycas against containerd's overlayfs snapshotter, cold and warm, on a
+# loopback and a shaped 100mbit-20ms link (about 15 minutes; see README,
+# "Performance"). BENCH_FLAGS passes flags, e.g. BENCH_FLAGS=-quick.
+bench: deps
+	$(GO) run ./script/bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin

@@ -1,0 +1,411 @@
+// Command bench measures lazycas against containerd's overlayfs
+// snapshotter (full pull and unpack) on this machine, in one run, and
+// writes a table, a JSON file and PNG charts (issue 7, `make bench`).
+//
+// It starts the integration test environment (a registry, a private
+// containerd 1.6 and the lazycas daemon), pushes the cached Debian+python3
+// test image and converts it to eStargz, plus two derived images (an
+// application image in zstd:chunked on the same base files, and an image
+// with a 128 MiB file). Every puller reaches the registry through a proxy
+// of this program that counts the bytes served; on a shaped link
+// ("100mbit-20ms") the registry runs in a network namespace behind a veth
+// pair with TBF on both ends, and the proxy adds the latency. Each cold run
+// starts from empty containerd and lazycas roots and a dropped page cache.
+//
+// Run it as root from the repository root:
+//
+//	go run ./script/bench [-runs 3] [-link loopback,100mbit-20ms] [-workloads print,import,readall,second,warm] [-out bench-results] [-quick]
+//
+// Everything it starts (daemons, network namespace, veths, mounts) is
+// removed at the end, on Ctrl-C or SIGTERM too, and what a killed run left
+// is removed by the next one.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/lazycas/lazycas/integration/testenv"
+)
+
+type options struct {
+	runs         int
+	links        []linkSpec
+	workloads    []string
+	out          string
+	daemon       string
+	timeout      time.Duration
+	profile      bool
+	saveLogs     bool
+	publish      string
+	extraConf    string // more lazycas daemon config (TOML)
+	snapshotters []string
+	runTimeout   time.Duration
+}
+
+func main() {
+	var o options
+	runs := flag.Int("runs", 3, "cold runs per snapshotter, workload and link")
+	links := flag.String("link", "loopback,100mbit-20ms", "links to the registry, comma-separated: loopback or RATE-LATENCY (e.g. 100mbit-20ms: TBF rate, one-way latency)")
+	wls := flag.String("workloads", strings.Join(allWorkloads, ","), "workloads, comma-separated: "+strings.Join(allWorkloads, ", "))
+	flag.StringVar(&o.out, "out", "bench-results", "directory for the JSON, Markdown and PNG results")
+	flag.StringVar(&o.daemon, "daemon", "", "containerd-lazycas-grpc binary (default: build ./cmd/containerd-lazycas-grpc)")
+	flag.DurationVar(&o.timeout, "timeout", 27*time.Minute, "stop measuring after this long and report what was measured")
+	flag.DurationVar(&o.runTimeout, "run-timeout", 5*time.Minute, "give up on one run after this long")
+	flag.BoolVar(&o.profile, "profile", true, "after the measured runs, run each cold workload once more on lazycas with FUSE debug logging and report FUSE operation and request counts")
+	flag.BoolVar(&o.saveLogs, "logs", false, "keep the registry, containerd and lazycas logs in OUT/<time>-logs")
+	sns := flag.String("snapshotters", strings.Join(snapshotters, ","), "snapshotters to measure (ratios need both)")
+	confFile := flag.String("lazycas-config", "", "a TOML file added to the lazycas daemon's config, e.g. to measure with [fs] background_fetch = false")
+	replot := flag.String("report", "", "only redo the table, Markdown and PNGs of an earlier results `FILE.json`, next to it")
+	flag.StringVar(&o.publish, "publish", "", "also copy the results to `DIR` under fixed names (results.json, results.md, <chart>.png), e.g. docs/bench")
+	quick := flag.Bool("quick", false, "development: 1 run, loopback only, no profile run (overrides -runs and -link)")
+	flag.Parse()
+	if *replot != "" {
+		if err := redoReport(*replot, o.publish); err != nil {
+			fatal(err)
+		}
+		return
+	}
+	o.runs = *runs
+	if *quick {
+		o.runs, *links, o.profile = 1, "loopback", false
+	}
+	for _, s := range strings.Split(*links, ",") {
+		l, err := parseLink(strings.TrimSpace(s))
+		if err != nil {
+			fatal(err)
+		}
+		o.links = append(o.links, l)
+	}
+	for _, w := range strings.Split(*wls, ",") {
+		w = strings.TrimSpace(w)
+		if !slices.Contains(allWorkloads, w) {
+			fatal(fmt.Errorf("unknown workload %q (have %s)", w, strings.Join(allWorkloads, ", ")))
+		}
+		o.workloads = append(o.workloads, w)
+	}
+	for _, sn := range strings.Split(*sns, ",") {
+		if !slices.Contains(snapshotters, sn) {
+			fatal(fmt.Errorf("unknown snapshotter %q (have %s)", sn, strings.Join(snapshotters, ", ")))
+		}
+		o.snapshotters = append(o.snapshotters, sn)
+	}
+	if *confFile != "" {
+		b, err := os.ReadFile(*confFile)
+		if err != nil {
+			fatal(err)
+		}
+		o.extraConf = string(b)
+	}
+	if o.runs < 1 {
+		fatal(errors.New("-runs must be at least 1"))
+	}
+
+	// The converter's content store logs warnings (no fs-verity here)
+	// that would break the progress line.
+	_ = log.SetLevel("error")
+	// A closed stdout (bench | head) must not kill us before cleanup.
+	signal.Ignore(syscall.SIGPIPE)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, o)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		fmt.Fprintf(os.Stderr, "\nbench interrupted; everything it started was stopped and removed\n")
+		os.Exit(130)
+	default:
+		fmt.Fprintf(os.Stderr, "\nbench FAILED: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+	os.Exit(2)
+}
+
+// Where runs keep their private directories; a leftover one names the
+// containerd state directory (RunDir) in its rundir file.
+const (
+	workParent = "/var/tmp"
+	workPrefix = "lzbench-"
+	lockPath   = "/run/lzbench.lock"
+)
+
+func run(sigCtx context.Context, o options) (err error) {
+	if os.Geteuid() != 0 {
+		return errors.New("run as root: the benchmark starts containerd, mounts filesystems, creates network namespaces and drops the page cache")
+	}
+	prog := newProgress(os.Stderr)
+	defer prog.close()
+	unlock, err := lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	cleanLeftovers(prog.logf)
+
+	started := time.Now()
+	rep := &report{Started: started, Command: strings.Join(append([]string{"script/bench"}, os.Args[1:]...), " "), Runs: o.runs, Links: o.links,
+		Workloads: map[string]string{}, Machine: readMachine()}
+	for _, w := range o.workloads {
+		rep.Workloads[w] = workloadDesc[w]
+	}
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	stamp := started.Format("20060102-150405")
+	prefix := filepath.Join(o.out, stamp)
+
+	work, err := os.MkdirTemp(workParent, workPrefix)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := testenv.RemoveLeftovers(work, ""); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("remove %s: %w", work, cerr))
+		}
+	}()
+
+	// Measuring stops at the timeout; setup and cleanup get their own
+	// bounds so that a report is always written.
+	ctx, cancel := context.WithTimeout(sigCtx, o.timeout)
+	defer cancel()
+
+	daemon := o.daemon
+	if daemon == "" {
+		prog.logf("building containerd-lazycas-grpc")
+		daemon = filepath.Join(work, "bin", "containerd-lazycas-grpc")
+		cmd := exec.CommandContext(ctx, goBinary(), "build", "-o", daemon, "./cmd/containerd-lazycas-grpc")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("build the daemon (run from the repository root): %w\n%s", err, out)
+		}
+	}
+	hostsDir := filepath.Join(work, "hosts.d")
+	baseConfig := fmt.Sprintf("[remote]\nconfig_path = %q\n", hostsDir) + o.extraConf
+	rep.LazycasConfig = o.extraConf
+	envDir := filepath.Join(work, "env")
+	if err := os.Mkdir(envDir, 0o755); err != nil {
+		return err
+	}
+	env, err := testenv.Start(ctx, testenv.Options{WorkDir: envDir, DaemonPath: daemon, DaemonConfig: baseConfig,
+		Logf: func(f string, a ...any) { prog.logf(f, a...) }})
+	if err != nil {
+		return err
+	}
+	// The daemons die with us (Pdeathsig); a killed run leaves mounts and
+	// shims, which the next run finds through this file.
+	if err := os.WriteFile(filepath.Join(work, "rundir"), []byte(env.RunDir), 0o644); err != nil {
+		env.Close()
+		return err
+	}
+	defer func() {
+		if o.saveLogs {
+			if err := env.SaveLogs(prefix + "-logs"); err != nil {
+				prog.logf("save logs: %v", err)
+			}
+		}
+		prog.logf("stopping the environment")
+		if cerr := env.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("stop the environment: %w", cerr))
+		}
+	}()
+
+	need := map[string]bool{tagApp: slices.Contains(o.workloads, wlSecond), tagBig: slices.Contains(o.workloads, wlWarm)}
+	images, err := prepareImages(ctx, env, work, need, prog.logf)
+	if err != nil {
+		return err
+	}
+	rep.Images = images
+
+	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig}
+	for _, l := range o.links {
+		upstream := env.RegistryHost
+		if l.Rate != "" {
+			sl, err := setUpShaped(ctx, l, work, env.RegistryStorage(), prog.logf)
+			if err != nil {
+				return err
+			}
+			defer func() {
+				if cerr := sl.Close(); cerr != nil {
+					err = errors.Join(err, cerr)
+				}
+			}()
+			upstream = sl.Upstream()
+		}
+		px, err := startProxy(upstream, l.Latency)
+		if err != nil {
+			return err
+		}
+		defer px.Close()
+		b.proxies[l.Name] = px
+		// A node configures a plain-HTTP registry in hosts.toml; lazycas
+		// reads this directory (its [remote] config_path).
+		dir := filepath.Join(hostsDir, px.Addr())
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		hosts := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", "http://"+px.Addr(), "http://"+px.Addr())
+		if err := os.WriteFile(filepath.Join(dir, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+			return err
+		}
+		lc, err := checkLink(ctx, l.Name, px)
+		if err != nil {
+			return fmt.Errorf("check link %s: %w", l.Name, err)
+		}
+		rep.LinkChecks = append(rep.LinkChecks, lc)
+		prog.logf("link %s: registry at %s through proxy %s; measured: HTTP round trip %.1f ms, %.1f MB/s for a %s blob",
+			l.Name, upstream, px.Addr(), lc.RoundTripMs, lc.ThroughputMBps, mb(lc.BlobBytes))
+	}
+	rep.SetupSeconds = time.Since(started).Seconds()
+
+	measureErr := b.measure(ctx, o, rep, prefix)
+	if measureErr != nil && sigCtx.Err() == nil {
+		prog.logf("measuring stopped: %v", measureErr)
+		rep.Error = measureErr.Error()
+	}
+	rep.Complete = measureErr == nil
+	rep.Machine.Passthrough = b.passthrough
+	rep.Seconds = time.Since(started).Seconds()
+	rep.finish(b.res)
+	if werr := writeReport(rep, b.res, prefix, o.publish, prog); werr != nil {
+		return errors.Join(measureErr, werr)
+	}
+	return measureErr
+}
+
+// redoReport rewrites the outputs of a results file.
+func redoReport(path, publish string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var rep report
+	if err := json.Unmarshal(data, &rep); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	res := &results{cells: rep.Cells}
+	rep.finish(res)
+	return writeReport(&rep, res, strings.TrimSuffix(path, ".json"), publish, nil)
+}
+
+func writeReport(rep *report, res *results, prefix, publish string, prog *progress) error {
+	if prog != nil {
+		prog.close()
+	}
+	rep.writeText(os.Stdout, res)
+	var errs []error
+	if err := rep.writeJSON(prefix + ".json"); err != nil {
+		errs = append(errs, err)
+	}
+	md, err := os.Create(prefix + ".md")
+	if err == nil {
+		rep.writeMarkdown(md, res)
+		errs = append(errs, md.Close())
+	} else {
+		errs = append(errs, err)
+	}
+	files, err := writePlots(prefix, rep, res)
+	errs = append(errs, err)
+	fmt.Printf("\nresults: %s.json, %s.md", prefix, prefix)
+	for _, f := range files {
+		fmt.Printf(", %s", filepath.Base(f))
+	}
+	fmt.Printf("\ntook %s (setup %s)\n", time.Duration(rep.Seconds*float64(time.Second)).Round(time.Second),
+		time.Duration(rep.SetupSeconds*float64(time.Second)).Round(time.Second))
+	if publish != "" {
+		if err := publishResults(prefix, files, publish); err != nil {
+			errs = append(errs, err)
+		} else {
+			fmt.Printf("copied to %s\n", publish)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// publishResults copies a run's files into dir under names without the
+// run's time, replacing an earlier run's.
+func publishResults(prefix string, plots []string, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	copies := map[string]string{prefix + ".json": "results.json", prefix + ".md": "results.md"}
+	for _, p := range plots {
+		copies[p] = strings.TrimPrefix(filepath.Base(p), filepath.Base(prefix)+"-")
+	}
+	for src, name := range copies {
+		data, err := os.ReadFile(src)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// warmSamples is how many samples the warm phase takes: at least 5, since
+// they are cheap (one image, seconds each) and page-cache-dropped reads
+// vary a lot from one to the next.
+func warmSamples(runs int) int { return max(runs, 5) }
+
+// goBinary is the go command on PATH, else the one of the toolchain that
+// built this program.
+func goBinary() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return filepath.Join(runtime.GOROOT(), "bin", "go")
+}
+
+// lock makes sure one benchmark runs at a time on this machine, so that
+// leftovers found at start belong to a dead run.
+func lock() (func(), error) {
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("another benchmark holds %s: %w", lockPath, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// cleanLeftovers removes what a killed run left: its network namespace and
+// veths, its containerd shims, mounts and directories.
+func cleanLeftovers(logf func(string, ...any)) {
+	if err := removeStaleLinks(logf); err != nil {
+		logf("removing leftover links: %v", err)
+	}
+	dirs, _ := filepath.Glob(filepath.Join(workParent, workPrefix+"*"))
+	for _, d := range dirs {
+		runDir := ""
+		if b, err := os.ReadFile(filepath.Join(d, "rundir")); err == nil {
+			runDir = strings.TrimSpace(string(b))
+			if !strings.HasPrefix(runDir, "/run/lzc-") {
+				runDir = ""
+			}
+		}
+		logf("removing %s left by an earlier run", d)
+		if err := testenv.RemoveLeftovers(d, runDir); err != nil {
+			logf("removing %s: %v", d, err)
+		}
+	}
+}
