@@ -21,7 +21,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -61,7 +60,7 @@ func BuildContainerd2(ctx context.Context, logf func(format string, args ...any)
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", err
 	}
-	unlock, err := flockFile(ctx, filepath.Join(cacheDir, "containerd-"+Containerd2Version+".lock"))
+	unlock, err := testimages.LockFile(ctx, filepath.Join(cacheDir, "containerd-"+Containerd2Version+".lock"))
 	if err != nil {
 		return "", err
 	}
@@ -148,34 +147,6 @@ func offline(goOutput string) bool {
 		}
 	}
 	return false
-}
-
-// flockFile takes an exclusive flock on path, polling until ctx ends. The
-// returned function releases it.
-func flockFile(ctx context.Context, path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() {
-				_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-				f.Close()
-			}, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, err
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("waiting for %s: %w", path, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 // containerd2Config mirrors containerdConfig in the 2.x schema (version 3,

@@ -84,7 +84,7 @@ func (im *Image) Load(ctx context.Context, cacheDir string, logf Logf) (*Loaded,
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return nil, fmt.Errorf("image cache: %w", err)
 	}
-	unlock, err := lockFile(ctx, filepath.Join(cacheDir, im.Name+".lock"))
+	unlock, err := LockFile(ctx, filepath.Join(cacheDir, im.Name+".lock"))
 	if err != nil {
 		return nil, fmt.Errorf("lock image cache for %s: %w", im.Name, err)
 	}
@@ -218,9 +218,10 @@ func openLayout(dir string) (v1.Image, error) {
 	return p.Image(m.Manifests[0].Digest)
 }
 
-// lockFile takes an exclusive flock on path, polling until ctx ends. The
-// returned function releases it.
-func lockFile(ctx context.Context, path string) (func(), error) {
+// LockFile takes an exclusive flock on path, polling until ctx ends. The
+// returned function releases it. Test caches shared by concurrent test
+// processes (images, built binaries) are filled under it.
+func LockFile(ctx context.Context, path string) (func(), error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
 		return nil, err

@@ -3,47 +3,20 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"regexp"
-	"strings"
 	"time"
 
 	lazyfs "github.com/lazycas/lazycas/fs"
 	"github.com/lazycas/lazycas/integration/testenv"
-	"github.com/lazycas/lazycas/service"
 )
 
-// daemonStats asks the lazycas daemon's API (its -api.sock socket next to
-// the snapshots socket) for its store, fetch and image figures.
+// daemonStats asks the lazycas daemon's API for its store, fetch and
+// image figures.
 func daemonStats(ctx context.Context, env *testenv.Env) (lazyfs.Stats, error) {
-	sock := strings.TrimSuffix(env.DaemonAddress, ".sock") + "-api.sock"
-	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-		},
-	}}
-	var st lazyfs.Stats
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazycas"+service.APIStats, nil)
-	if err != nil {
-		return st, err
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return st, fmt.Errorf("daemon stats: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return st, fmt.Errorf("daemon stats: %s", resp.Status)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return st, fmt.Errorf("daemon stats: %w", err)
-	}
-	return st, nil
+	return env.DaemonStats(ctx)
 }
 
 // fetchWait bounds the wait for a background fetch to finish; fetchStall
