@@ -156,18 +156,9 @@ func demo(ctx context.Context, env *testenv.Env, cli, tmp string) error {
 		since(t), pushed.Layers, mb(pushed.Bytes), n)
 
 	step("Running python3 in a container on a lazycas snapshot (runc)")
-	t = time.Now()
-	res, err := env.Run(ctx, img, testenv.UniqueID("demo"), "python3", "-c", pythonCode)
-	if err != nil {
+	if err := runPython(ctx, env, img, "demo"); err != nil {
 		return err
 	}
-	for _, line := range strings.Split(strings.TrimRight(res.Stdout, "\n"), "\n") {
-		detail("container says: %s", line)
-	}
-	if res.ExitCode != 0 {
-		return fmt.Errorf("python3 exited with status %d: %s", res.ExitCode, strings.TrimSpace(res.Stderr))
-	}
-	detail("exit status 0 after %s (container created, run and deleted)", since(t))
 
 	step("Deleting the image; containerd's garbage collector removes its snapshots from lazycas")
 	t = time.Now()
@@ -231,18 +222,9 @@ func demoLazy(ctx context.Context, env *testenv.Env, cli, tmp string, pushed *te
 	}
 
 	step("Running python3 from the lazily pulled image")
-	t = time.Now()
-	res, err := env.Run(ctx, img, testenv.UniqueID("demo-lazy"), "python3", "-c", pythonCode)
-	if err != nil {
+	if err := runPython(ctx, env, img, "demo-lazy"); err != nil {
 		return err
 	}
-	for _, line := range strings.Split(strings.TrimRight(res.Stdout, "\n"), "\n") {
-		detail("container says: %s", line)
-	}
-	if res.ExitCode != 0 {
-		return fmt.Errorf("python3 exited with status %d: %s", res.ExitCode, strings.TrimSpace(res.Stderr))
-	}
-	detail("exit status 0 after %s (container created, run and deleted)", since(t))
 	after, err := env.DaemonStats(ctx)
 	if err != nil {
 		return err
@@ -262,6 +244,24 @@ func demoLazy(ctx context.Context, env *testenv.Env, cli, tmp string, pushed *te
 	if err := env.DeleteImage(ctx, lazyRef); err != nil {
 		return err
 	}
+	return nil
+}
+
+// runPython runs pythonCode in a new container of img and shows what it
+// printed and how long it took.
+func runPython(ctx context.Context, env *testenv.Env, img client.Image, id string) error {
+	t := time.Now()
+	res, err := env.Run(ctx, img, testenv.UniqueID(id), "python3", "-c", pythonCode)
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(strings.TrimRight(res.Stdout, "\n"), "\n") {
+		detail("container says: %s", line)
+	}
+	if res.ExitCode != 0 {
+		return fmt.Errorf("python3 exited with status %d: %s", res.ExitCode, strings.TrimSpace(res.Stderr))
+	}
+	detail("exit status 0 after %s (container created, run and deleted)", since(t))
 	return nil
 }
 
