@@ -493,9 +493,6 @@ func (s *Store) commit() error {
 	})
 }
 
-// Sync commits the objects sealed so far (tests, and before a report).
-func (s *Store) Sync() error { return s.commit() }
-
 func syncFS(dir string) error {
 	f, err := os.Open(dir)
 	if err != nil {
