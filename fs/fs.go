@@ -180,7 +180,7 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 		f.forget(ctx, key)
 		return fmt.Errorf("layer %s: %w", dgst, err)
 	}
-	if _, err := f.serve(ctx, key, mountpoint, blob); err != nil {
+	if _, err := f.serve(ctx, key, mountpoint, blob, fileSpans(tree.Nodes)); err != nil {
 		f.forget(ctx, key)
 		return err
 	}
@@ -199,16 +199,21 @@ func (f *FileSystem) Restore(ctx context.Context, key, mountpoint string) error 
 	if err := syscall.Unmount(mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("detach stale mount")
 	}
-	_, err := f.serve(ctx, key, mountpoint, nil)
+	_, err := f.serve(ctx, key, mountpoint, nil, nil)
 	return err
 }
 
-func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *remote.Blob) (*mounted, error) {
+// serve mounts the layer recorded under key. spans, when the caller has
+// the layer's nodes at hand, spares the first read listing them again.
+func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *remote.Blob, spans []fileSpan) (*mounted, error) {
 	ml, err := f.meta.Layer(key)
 	if err != nil {
 		return nil, err
 	}
 	m := &mounted{key: key, fs: f, meta: ml, format: layer.Format(ml.Info.Format), blob: blob, done: make(chan struct{})}
+	if spans != nil {
+		m.spansOnce.Do(func() { m.fileSpans = spans })
+	}
 	// Set before the mount serves: FUSE handlers start background fetches
 	// under it as soon as the mountpoint is visible.
 	m.bg, m.cancel = context.WithCancel(context.WithoutCancel(ctx))

@@ -24,22 +24,43 @@ type fileSpan struct {
 	id       uint64
 }
 
-// spans lists the layer's files in blob order, once.
+// spans lists the layer's files in blob order, once: from metadata after
+// a restore (Mount hands them over from the TOC it just read).
 func (m *mounted) spans() []fileSpan {
 	m.spansOnce.Do(func() {
+		var spans []fileSpan
 		err := m.meta.Walk(func(n *metadata.Node) error {
-			if n.Type == metadata.TypeReg && n.Size > 0 && len(n.Chunks) > 0 {
-				m.fileSpans = append(m.fileSpans, fileSpan{n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End, n.ID})
-			}
+			spans = appendSpan(spans, n)
 			return nil
 		})
 		if err != nil {
 			log.L.WithError(err).WithField("layer", m.meta.Info.Digest).Warn("list files for readahead")
-			m.fileSpans = nil
+			return
 		}
-		sort.Slice(m.fileSpans, func(i, j int) bool { return m.fileSpans[i].off < m.fileSpans[j].off })
+		m.fileSpans = sortSpans(spans)
 	})
 	return m.fileSpans
+}
+
+// fileSpans returns where the regular files of nodes lie, in blob order.
+func fileSpans(nodes []*metadata.Node) []fileSpan {
+	spans := []fileSpan{}
+	for _, n := range nodes {
+		spans = appendSpan(spans, n)
+	}
+	return sortSpans(spans)
+}
+
+func appendSpan(spans []fileSpan, n *metadata.Node) []fileSpan {
+	if n.Type == metadata.TypeReg && n.Size > 0 && len(n.Chunks) > 0 {
+		spans = append(spans, fileSpan{n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End, n.ID})
+	}
+	return spans
+}
+
+func sortSpans(spans []fileSpan) []fileSpan {
+	sort.Slice(spans, func(i, j int) bool { return spans[i].off < spans[j].off })
+	return spans
 }
 
 // fetchAround fills the store with n, fetching the files that follow it
