@@ -27,6 +27,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -67,7 +68,7 @@ func main() {
 	flag.DurationVar(&o.timeout, "timeout", 27*time.Minute, "stop measuring after this long and report what was measured")
 	flag.DurationVar(&o.runTimeout, "run-timeout", 5*time.Minute, "give up on one run after this long")
 	flag.BoolVar(&o.profile, "profile", true, "after the measured runs, run each cold workload once more on lazycas with FUSE debug logging and report FUSE operation and request counts")
-	flag.BoolVar(&o.saveLogs, "logs", false, "keep the registry, containerd and lazycas logs in OUT/<time>-logs")
+	flag.BoolVar(&o.saveLogs, "logs", false, "keep the registry, containerd and lazycas logs, and a line per registry request, in OUT/<time>-logs")
 	sns := flag.String("snapshotters", strings.Join(snapshotters, ","), "snapshotters to measure (ratios need both)")
 	confFile := flag.String("lazycas-config", "", "a TOML file added to the lazycas daemon's config, e.g. to measure with [fs] background_fetch = false")
 	replot := flag.String("report", "", "only redo the table, Markdown and PNGs of an earlier results `FILE.json`, next to it")
@@ -248,7 +249,19 @@ func run(sigCtx context.Context, o options) (err error) {
 			}()
 			upstream = sl.Upstream()
 		}
-		px, err := startProxy(upstream, l.Latency)
+		var trace io.Writer
+		if o.saveLogs {
+			if err := os.MkdirAll(prefix+"-logs", 0o755); err != nil {
+				return err
+			}
+			tf, err := os.Create(prefix + "-logs/requests-" + l.Name + ".log")
+			if err != nil {
+				return err
+			}
+			defer tf.Close()
+			trace = tf
+		}
+		px, err := startProxy(upstream, l.Latency, trace)
 		if err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/textproto"
@@ -37,6 +38,12 @@ type proxy struct {
 	ranges   atomic.Int64 // byte ranges in those headers
 	rangeLen atomic.Int64 // bytes those ranges ask for (where bounded)
 
+	// trace, when set, gets one line per request: when it was sent (after
+	// the latency), method, path and range; for reading a run's timeline.
+	trace   io.Writer
+	traceMu sync.Mutex
+	started time.Time
+
 	mu     sync.Mutex
 	open   map[net.Conn]struct{}
 	closed bool
@@ -54,12 +61,13 @@ func (c proxyCounters) sub(o proxyCounters) proxyCounters {
 }
 
 // startProxy listens on a free loopback port and forwards to upstream.
-func startProxy(upstream string, latency time.Duration) (*proxy, error) {
+// trace, if not nil, gets a line per request.
+func startProxy(upstream string, latency time.Duration, trace io.Writer) (*proxy, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	p := &proxy{ln: ln, upstream: upstream, latency: latency, open: map[net.Conn]struct{}{}}
+	p := &proxy{ln: ln, upstream: upstream, latency: latency, open: map[net.Conn]struct{}{}, trace: trace, started: time.Now()}
 	p.wg.Add(1)
 	go p.serve()
 	return p, nil
@@ -146,7 +154,7 @@ func (p *proxy) handle(client net.Conn) {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		sn := &sniffer{p: p}
+		sn := &sniffer{p: p, conn: p.conns.Load()}
 		p.pipe(server, client, &p.up, sn.feed)
 	}()
 	go func() {
@@ -232,6 +240,7 @@ func (p *proxy) pipe(dst, src net.Conn, n *atomic.Int64, see func([]byte)) {
 // connection, never the forwarding.
 type sniffer struct {
 	p    *proxy
+	conn int64
 	buf  []byte
 	skip int64
 	dead bool
@@ -287,11 +296,22 @@ func (s *sniffer) request(head []byte) {
 	if f[0] == "GET" && strings.Contains(f[1], "/blobs/") {
 		s.p.blobGets.Add(1)
 	}
-	if rg := hdr.Get("Range"); rg != "" {
+	rg := hdr.Get("Range")
+	if rg != "" {
 		s.p.ranged.Add(1)
 		n, total := parseRanges(rg)
 		s.p.ranges.Add(n)
 		s.p.rangeLen.Add(total)
+	}
+	if s.p.trace != nil {
+		path := f[1]
+		if i := strings.LastIndex(path, "sha256:"); i >= 0 && len(path) > i+19 {
+			path = path[:i+19]
+		}
+		s.p.traceMu.Lock()
+		fmt.Fprintf(s.p.trace, "%s +%.3fs conn %d %s %s %s\n", time.Now().Format("15:04:05.000"),
+			time.Since(s.p.started).Seconds(), s.conn, f[0], path, rg)
+		s.p.traceMu.Unlock()
 	}
 	if cl, err := strconv.ParseInt(hdr.Get("Content-Length"), 10, 64); err == nil && cl > 0 {
 		s.skip = cl
