@@ -77,6 +77,9 @@ type FileSystem struct {
 	mu     sync.Mutex
 	layers map[string]*mounted
 
+	tailMu sync.Mutex
+	tails  map[digest.Digest]*tail // by layer digest, read ahead for mounts to come
+
 	logModeOnce sync.Once
 	// foreground counts fetches for readers; background fetch waits for
 	// them, so a container's read never queues behind prefetch.
@@ -91,7 +94,8 @@ func New(meta *metadata.DB, st *store.Store, fetcher *remote.Fetcher, opts Optio
 	if opts.FetchConcurrency <= 0 {
 		opts.FetchConcurrency = 4
 	}
-	f := &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{}}
+	f := &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{},
+		tails: map[digest.Digest]*tail{}}
 	if opts.BackgroundBandwidth > 0 {
 		// A burst of one group: a group is fetched as one request.
 		f.limiter = rate.NewLimiter(rate.Limit(opts.BackgroundBandwidth), limiterBurst)
@@ -151,13 +155,10 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	if err := dgst.Validate(); err != nil {
 		return fmt.Errorf("layer digest %q: %w", dgst, err)
 	}
-	blob, err := f.fetcher.Open(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size})
+	f.readAheadTails(ctx, ref, labels)
+	blob, toc, err := f.readTOC(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size}, pin)
 	if err != nil {
-		return fmt.Errorf("resolve layer %s of %s: %w", dgst, ref, err)
-	}
-	toc, err := layer.ReadTOC(ctx, blob, blob.Size(), pin)
-	if err != nil {
-		return fmt.Errorf("layer %s: %w", dgst, err)
+		return err
 	}
 	tree, err := layer.Build(toc)
 	if err != nil {

@@ -176,6 +176,24 @@ func (f *Fetcher) pullHosts(name string) ([]docker.RegistryHost, error) {
 // otherwise Open sends nothing and the first read finds a host. It never
 // downloads the blob.
 func (f *Fetcher) Open(ctx context.Context, ref string, desc ocispec.Descriptor) (*Blob, error) {
+	b, err := f.open(ref, desc)
+	if err != nil {
+		return nil, err
+	}
+	if b.size == 0 {
+		size, err := b.stat(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("open blob %s in %s/%s: %w", desc.Digest, b.registry, b.repo, err)
+		}
+		b.size = size
+		log.G(ctx).WithFields(log.Fields{"digest": b.digest, "size": size}).Debug("blob size from registry")
+	}
+	return b, nil
+}
+
+// open returns a Blob for desc without asking the registry anything; its
+// size is desc.Size, 0 when unknown.
+func (f *Fetcher) open(ref string, desc ocispec.Descriptor) (*Blob, error) {
 	if err := desc.Digest.Validate(); err != nil {
 		return nil, fmt.Errorf("open blob %q: %w: %w", desc.Digest, errdefs.ErrInvalidArgument, err)
 	}
@@ -195,7 +213,7 @@ func (f *Fetcher) Open(ctx context.Context, ref string, desc ocispec.Descriptor)
 	if err != nil {
 		return nil, fmt.Errorf("open blob %s: %w", desc.Digest, err)
 	}
-	b := &Blob{
+	return &Blob{
 		f:        f,
 		digest:   desc.Digest,
 		size:     desc.Size,
@@ -204,16 +222,7 @@ func (f *Fetcher) Open(ctx context.Context, ref string, desc ocispec.Descriptor)
 		scope:    scope,
 		hosts:    hosts,
 		slots:    make(chan struct{}, f.opts.MaxInFlight),
-	}
-	if b.size == 0 {
-		size, err := b.stat(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("open blob %s in %s: %w", desc.Digest, spec.Locator, err)
-		}
-		b.size = size
-		log.G(ctx).WithFields(log.Fields{"digest": b.digest, "size": size}).Debug("blob size from registry")
-	}
-	return b, nil
+	}, nil
 }
 
 // stat asks the registry for the blob's size with a HEAD request.

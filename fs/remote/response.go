@@ -216,34 +216,15 @@ func allDone(parts []*part) bool {
 // contentRange parses "bytes first-last/size" into [first, last+1) and
 // checks it against the blob.
 func (b *Blob) contentRange(s string) (off, end int64, err error) {
-	spec, ok := strings.CutPrefix(s, "bytes ")
-	if !ok {
-		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
+	off, end, size, err := parseContentRange(s)
+	if err != nil {
+		return 0, 0, err
 	}
-	rng, size, ok := strings.Cut(spec, "/")
-	if !ok {
-		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
+	if size >= 0 && size != b.size {
+		return 0, 0, fmt.Errorf("Content-Range %q: blob has %d bytes", s, b.size)
 	}
-	first, last, ok := strings.Cut(rng, "-")
-	if !ok {
-		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
-	}
-	off, err1 := strconv.ParseInt(first, 10, 64)
-	lastN, err2 := strconv.ParseInt(last, 10, 64)
-	if err1 != nil || err2 != nil || off < 0 || lastN < off {
-		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
-	}
-	if size != "*" {
-		n, err := strconv.ParseInt(size, 10, 64)
-		if err != nil {
-			return 0, 0, fmt.Errorf("bad Content-Range %q", s)
-		}
-		if n != b.size {
-			return 0, 0, fmt.Errorf("Content-Range %q: blob has %d bytes", s, b.size)
-		}
-	}
-	if lastN >= b.size {
+	if end > b.size {
 		return 0, 0, fmt.Errorf("Content-Range %q beyond the blob's %d bytes", s, b.size)
 	}
-	return off, lastN + 1, nil
+	return off, end, nil
 }

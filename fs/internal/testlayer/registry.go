@@ -7,6 +7,7 @@ import (
 	"log"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,6 +36,7 @@ type Registry struct {
 
 	mu     sync.Mutex
 	counts map[digest.Digest]*Counts
+	sizes  map[digest.Digest]int // of pushed blobs, to answer suffix ranges
 }
 
 // Counts are the requests for one blob (or all of them).
@@ -50,7 +52,7 @@ type Counts struct {
 // NewRegistry starts a registry that stops when the test ends.
 func NewRegistry(t testing.TB) *Registry {
 	t.Helper()
-	r := &Registry{counts: map[digest.Digest]*Counts{}}
+	r := &Registry{counts: map[digest.Digest]*Counts{}, sizes: map[digest.Digest]int{}}
 	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		d, isBlob := blobDigest(req.URL.Path)
@@ -81,6 +83,7 @@ func NewRegistry(t testing.TB) *Registry {
 			http.Error(w, "injected failure", int(code))
 			return
 		}
+		r.suffixRange(d, req)
 		inner.ServeHTTP(&countingWriter{ResponseWriter: w, add: func(n int) {
 			r.count(d, func(c *Counts) { c.Bytes += int64(n) })
 		}}, req)
@@ -88,6 +91,22 @@ func NewRegistry(t testing.TB) *Registry {
 	r.Host = strings.TrimPrefix(r.srv.URL, "http://")
 	t.Cleanup(r.srv.Close)
 	return r
+}
+
+// suffixRange turns a request for a blob's last bytes (`bytes=-N`), which
+// go-containerregistry's registry refuses and distribution's serves, into
+// the equivalent range.
+func (r *Registry) suffixRange(d digest.Digest, req *http.Request) {
+	n, ok := strings.CutPrefix(req.Header.Get("Range"), "bytes=-")
+	if !ok {
+		return
+	}
+	r.mu.Lock()
+	size, known := r.sizes[d]
+	r.mu.Unlock()
+	if k, err := strconv.Atoi(n); err == nil && known && k > 0 && size > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", max(0, size-k), size-1))
+	}
 }
 
 // blobDigest returns the digest of a /v2/<repo>/blobs/<digest> path.
@@ -162,6 +181,9 @@ func (r *Registry) Push(t testing.TB, b *Blob) {
 		msg, _ := io.ReadAll(resp.Body)
 		t.Fatalf("push blob: %s: %s", resp.Status, msg)
 	}
+	r.mu.Lock()
+	r.sizes[b.Digest] = len(b.Data)
+	r.mu.Unlock()
 }
 
 // Ref is the image reference test layers are mounted from.

@@ -1,0 +1,144 @@
+package fs
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazycas/lazycas/fs/layer"
+	"github.com/lazycas/lazycas/fs/remote"
+	"github.com/lazycas/lazycas/snapshot"
+)
+
+// tailSize is how much of a layer's end a mount reads in its first
+// request: the footer, and the whole TOC of a layer of up to about 10,000
+// files. A bigger TOC costs one more request for the rest.
+const tailSize = 512 << 10
+
+// Read-ahead tails of the layers an image will prepare next are kept this
+// long and this many at most; a pull prepares them within seconds.
+const (
+	tailTTL  = 2 * time.Minute
+	maxTails = 64
+)
+
+// tail is the end of a layer blob, being read or read.
+type tail struct {
+	done    chan struct{}
+	repo    string // ref without tag or digest: only a mount of this repository takes it
+	started time.Time
+	blob    *remote.Blob
+	buf     []byte
+	err     error
+}
+
+// readTOC opens the layer blob and reads its verified TOC, from a tail read
+// ahead for it if there is one.
+func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin) (*remote.Blob, *layer.TOC, error) {
+	b, buf, err := f.openTail(ctx, ref, desc)
+	if err != nil {
+		return nil, nil, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
+	}
+	toc, err := layer.ReadTOC(ctx, tailReader{b, buf, b.Size() - int64(len(buf))}, b.Size(), pin)
+	if err != nil {
+		return nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+	}
+	return b, toc, nil
+}
+
+func (f *FileSystem) openTail(ctx context.Context, ref string, desc ocispec.Descriptor) (*remote.Blob, []byte, error) {
+	f.tailMu.Lock()
+	t := f.tails[desc.Digest]
+	if t != nil && t.repo == repoOf(ref) {
+		delete(f.tails, desc.Digest)
+	} else {
+		t = nil
+	}
+	f.tailMu.Unlock()
+	if t != nil {
+		select {
+		case <-t.done:
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		}
+		if t.err == nil && (desc.Size == 0 || desc.Size == t.blob.Size()) {
+			return t.blob, t.buf, nil
+		}
+	}
+	return f.fetcher.OpenTail(ctx, ref, desc, tailSize)
+}
+
+// readAheadTails starts reading the tails of the layers listed after the
+// one being mounted (CRI's and nerdctl's image-layers label lists a layer
+// and those above it): containerd prepares them one after the other, and
+// each then finds its TOC fetched, so an image's TOCs cost about one round
+// trip instead of one per layer.
+func (f *FileSystem) readAheadTails(ctx context.Context, ref string, labels map[string]string) {
+	list := strings.Split(labels[snapshot.LabelImageLayers], ",")
+	if len(list) < 2 {
+		return
+	}
+	f.mu.Lock()
+	mounted := map[digest.Digest]bool{}
+	for _, m := range f.layers {
+		mounted[digest.Digest(m.meta.Info.Digest)] = true
+	}
+	f.mu.Unlock()
+
+	f.tailMu.Lock()
+	defer f.tailMu.Unlock()
+	for d, t := range f.tails {
+		if time.Since(t.started) > tailTTL {
+			delete(f.tails, d)
+		}
+	}
+	for _, s := range list[1:] {
+		d, err := digest.Parse(strings.TrimSpace(s))
+		if err != nil || mounted[d] || f.tails[d] != nil || len(f.tails) >= maxTails {
+			continue
+		}
+		t := &tail{done: make(chan struct{}), repo: repoOf(ref), started: time.Now()}
+		f.tails[d] = t
+		go func() {
+			defer close(t.done)
+			// Not the Prepare call's context: it ends before the next
+			// layer's Prepare comes.
+			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			t.blob, t.buf, t.err = f.fetcher.OpenTail(tctx, ref, ocispec.Descriptor{Digest: d}, tailSize)
+			if t.err != nil {
+				log.G(ctx).WithError(t.err).WithField("layer", d).Debug("read ahead a layer's tail")
+			}
+		}()
+	}
+}
+
+// repoOf is ref without its tag or digest.
+func repoOf(ref string) string {
+	if i := strings.Index(ref, "@"); i >= 0 {
+		ref = ref[:i]
+	}
+	if i := strings.LastIndex(ref, ":"); i > strings.LastIndex(ref, "/") {
+		ref = ref[:i]
+	}
+	return ref
+}
+
+// tailReader reads a blob, from its tail in memory where that holds the bytes.
+type tailReader struct {
+	blob *remote.Blob
+	buf  []byte
+	off  int64 // where buf starts in the blob
+}
+
+func (r tailReader) ReadAt(p []byte, off int64) (int, error) {
+	if off >= r.off && off+int64(len(p)) <= r.off+int64(len(r.buf)) {
+		return copy(p, r.buf[off-r.off:]), nil
+	}
+	return r.blob.ReadAt(p, off)
+}
