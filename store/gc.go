@@ -101,12 +101,17 @@ func (s *Store) GC(ctx context.Context, maxBytes int64) (GCResult, error) {
 	return res, nil
 }
 
-// remove deletes object d unless it is open or being filled. The file goes
-// before its index entry: a crash in between leaves an entry whose file is
-// missing, which only makes the next read fetch it again.
+// remove deletes object d unless it is open or being filled.
 func (s *Store) remove(d digest.Digest) (bool, error) {
+	return s.drop(d, func() bool { return s.open[d] > 0 || s.inflight[d] != nil })
+}
+
+// drop deletes object d unless keep, called with s.mu held, says not to.
+// The file goes before its index entry: a crash in between leaves an entry
+// whose file is missing, which only makes the next read fetch it again.
+func (s *Store) drop(d digest.Digest, keep func() bool) (bool, error) {
 	s.mu.Lock()
-	if s.open[d] > 0 || s.inflight[d] != nil {
+	if keep() {
 		s.mu.Unlock()
 		return false, nil
 	}
@@ -116,6 +121,7 @@ func (s *Store) remove(d digest.Digest) (bool, error) {
 	}
 	err := os.Remove(s.path(d))
 	delete(s.used, d)
+	delete(s.verified, keyOf(d))
 	s.mu.Unlock()
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return false, err

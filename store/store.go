@@ -14,7 +14,8 @@
 // then one index transaction, every 250 ms) instead of an fsync each; an
 // object on disk that the index does not know (its group was cut off by a
 // crash or power loss) is hashed again when the store is opened, and kept
-// only if it still matches its name.
+// only if it still matches its name. An object an earlier process sealed is
+// checked again on its first open, unless fs-verity guards it (verify.go).
 package store
 
 import (
@@ -29,7 +30,6 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/containerd/log"
@@ -74,6 +74,8 @@ type Store struct {
 	stop          chan struct{}
 	committerDone chan struct{}
 	closeOnce     sync.Once
+
+	integrity // verify.go
 }
 
 // fill is one fetch of an object that concurrent callers wait for.
@@ -82,8 +84,16 @@ type fill struct {
 	err  error
 }
 
-// Open opens (creating if needed) the store in dir.
-func Open(ctx context.Context, dir string) (*Store, error) {
+// Open opens (creating if needed) the store in dir. It probes once whether
+// dir's filesystem has fs-verity (see WithVerity) and logs the integrity
+// mode.
+func Open(ctx context.Context, dir string, opts ...Opt) (*Store, error) {
+	o := options{verity: true}
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+	}
 	for _, d := range []string{filepath.Join(dir, "objects", "sha256"), filepath.Join(dir, "tmp"), filepath.Join(dir, "partial")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("store: %w", err)
@@ -121,6 +131,8 @@ func Open(ctx context.Context, dir string) (*Store, error) {
 		open: map[digest.Digest]int{}, used: map[digest.Digest]time.Time{},
 		partials: map[digest.Digest]*Partial{},
 	}
+	s.log = log.G(ctx)
+	s.setupIntegrity(o)
 	if err := s.recover(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -176,12 +188,18 @@ func (s *Store) recover(ctx context.Context) error {
 			}
 			found = append(found, pendingObject{d, fi.Size()})
 			s.total.Add(fi.Size())
+			s.verified[keyOf(d)] = struct{}{}
 		}
 	}
 	if len(found)+len(indexed) > 0 || bad > 0 {
 		log.G(ctx).WithFields(log.Fields{
 			"checked": len(found), "removed": bad, "forgotten": len(indexed),
 		}).Info("store: recovered objects a crash left unindexed")
+	}
+	if s.verity {
+		for _, p := range found {
+			s.unprotected = append(s.unprotected, p.d)
+		}
 	}
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketObjects)
@@ -273,23 +291,37 @@ func (s *Store) Has(d digest.Digest) bool {
 }
 
 // Open opens the sealed object d for reading. While the returned handle
-// is open, garbage collection leaves the object alone.
+// is open, garbage collection leaves the object alone. The first open of an
+// object an earlier process sealed checks it; one that fails the check is
+// removed and reported as ErrNotFound (and ErrDigestMismatch).
 func (s *Store) Open(d digest.Digest) (*Handle, error) {
 	if err := validate(d); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	f, err := os.Open(s.path(d))
 	if errors.Is(err, os.ErrNotExist) {
+		s.mu.Unlock()
 		return nil, fmt.Errorf("%s: %w", d, ErrNotFound)
 	}
 	if err != nil {
+		s.mu.Unlock()
 		return nil, err
 	}
 	s.open[d]++
 	s.used[d] = time.Now()
-	return &Handle{File: f, s: s, d: d}, nil
+	_, verified := s.verified[keyOf(d)]
+	s.mu.Unlock()
+	h := &Handle{File: f, s: s, d: d}
+	if !verified {
+		// The handle counts as open meanwhile: collection leaves the
+		// object being checked alone.
+		if err := s.check(d, f); err != nil {
+			h.Close()
+			return nil, err
+		}
+	}
+	return h, nil
 }
 
 // Handle is an open object.
@@ -422,7 +454,15 @@ func (s *Store) fill(ctx context.Context, d digest.Digest, size int64, fn FillFu
 	// syncfs for many objects instead of an fsync each, which cost ~5 ms
 	// per small file. Until its group is committed, an object that a
 	// crash left behind is checked again when the store is opened.
-	if err := os.Rename(tmp.Name(), final); err != nil {
+	// Renamed under s.mu so that a failed check of an older object by
+	// this name (verify) never removes the new one.
+	s.mu.Lock()
+	err = os.Rename(tmp.Name(), final)
+	if err == nil {
+		s.verified[keyOf(d)] = struct{}{}
+	}
+	s.mu.Unlock()
+	if err != nil {
 		return fmt.Errorf("store: seal %s: %w", d, err)
 	}
 	tmp = nil
@@ -472,6 +512,7 @@ func (s *Store) commit() error {
 	batch := s.pending
 	s.pending = nil
 	s.pendingMu.Unlock()
+	s.protect(batch)
 	if len(batch) == 0 {
 		return nil
 	}
@@ -538,95 +579,6 @@ func (s *Store) ReleaseLayer(layer string) error {
 	})
 }
 
-// Stats describes the store.
-type Stats struct {
-	Objects int64 `json:"objects"`
-	// Bytes is the content size of the sealed objects.
-	Bytes int64 `json:"bytes"`
-	// DiskBytes is what the objects take on disk (allocated blocks).
-	DiskBytes int64 `json:"diskBytes"`
-	// Layers is the number of layers holding references.
-	Layers int64 `json:"layers"`
-	// LogicalBytes sums, over every layer, the sizes of its files the
-	// store holds: what the layers would take without sharing.
-	LogicalBytes int64 `json:"logicalBytes"`
-	// LayerFileBytes sums the sizes of all files of all layers, present
-	// or not.
-	LayerFileBytes int64 `json:"layerFileBytes"`
-	// Unreferenced objects belong to no current layer.
-	Unreferenced int64 `json:"unreferenced"`
-	// Open objects have handles open.
-	Open int64 `json:"open"`
-	// Partial objects are large files being filled piece by piece.
-	Partial int64 `json:"partial"`
-	// FetchedFiles and FetchedBytes count objects sealed since Open.
-	FetchedFiles int64 `json:"fetchedFiles"`
-	FetchedBytes int64 `json:"fetchedBytes"`
-}
-
-// DedupRatio is LogicalBytes / Bytes: how many times over the layers
-// would hold what the store holds once.
-func (st Stats) DedupRatio() float64 {
-	if st.Bytes == 0 {
-		return 1
-	}
-	return float64(st.LogicalBytes) / float64(st.Bytes)
-}
-
-// Stats returns the store's figures from its index.
-func (s *Store) Stats() (Stats, error) {
-	if err := s.commit(); err != nil {
-		return Stats{}, fmt.Errorf("store: commit: %w", err)
-	}
-	st := Stats{FetchedFiles: s.fetchedFiles.Load(), FetchedBytes: s.fetchedBytes.Load()}
-	s.mu.Lock()
-	st.Open = int64(len(s.open))
-	st.Partial = int64(len(s.partials))
-	s.mu.Unlock()
-	sizes := map[string]int64{}
-	referenced := map[string]bool{}
-	err := s.db.View(func(tx *bolt.Tx) error {
-		if err := tx.Bucket(bucketObjects).ForEach(func(k, v []byte) error {
-			size, _ := decodeRecord(v)
-			sizes[string(k)] = size
-			st.Objects++
-			st.Bytes += size
-			return nil
-		}); err != nil {
-			return err
-		}
-		layers := tx.Bucket(bucketLayers)
-		return layers.ForEach(func(name, v []byte) error {
-			if v != nil {
-				return nil
-			}
-			st.Layers++
-			return layers.Bucket(name).ForEach(func(d, v []byte) error {
-				referenced[string(d)] = true
-				if len(v) == 8 {
-					st.LayerFileBytes += int64(binary.BigEndian.Uint64(v))
-				}
-				st.LogicalBytes += sizes[string(d)]
-				return nil
-			})
-		})
-	})
-	if err != nil {
-		return st, err
-	}
-	for d := range sizes {
-		if !referenced[d] {
-			st.Unreferenced++
-		}
-		if fi, err := os.Stat(s.path(digest.Digest(d))); err == nil {
-			if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
-				st.DiskBytes += sys.Blocks * 512
-			}
-		}
-	}
-	return st, nil
-}
-
 func encodeRecord(size int64, used time.Time) []byte {
 	b := make([]byte, 16)
 	binary.BigEndian.PutUint64(b, uint64(size))
@@ -650,46 +602,4 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n += int64(n)
 	return n, err
-}
-
-// LayerStat is what one layer holds and how much of it the store has.
-type LayerStat struct {
-	Files        int64 `json:"files"`
-	Bytes        int64 `json:"bytes"`
-	PresentFiles int64 `json:"presentFiles"`
-	PresentBytes int64 `json:"presentBytes"`
-}
-
-// LayerStats returns, per layer key, its files and how many are present.
-func (s *Store) LayerStats() (map[string]LayerStat, error) {
-	if err := s.commit(); err != nil {
-		return nil, fmt.Errorf("store: commit: %w", err)
-	}
-	out := map[string]LayerStat{}
-	err := s.db.View(func(tx *bolt.Tx) error {
-		objects := tx.Bucket(bucketObjects)
-		layers := tx.Bucket(bucketLayers)
-		return layers.ForEach(func(name, v []byte) error {
-			if v != nil {
-				return nil
-			}
-			var st LayerStat
-			err := layers.Bucket(name).ForEach(func(d, v []byte) error {
-				var size int64
-				if len(v) == 8 {
-					size = int64(binary.BigEndian.Uint64(v))
-				}
-				st.Files++
-				st.Bytes += size
-				if objects.Get(d) != nil {
-					st.PresentFiles++
-					st.PresentBytes += size
-				}
-				return nil
-			})
-			out[string(name)] = st
-			return err
-		})
-	})
-	return out, err
 }
