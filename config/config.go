@@ -72,6 +72,11 @@ type FS struct {
 	// Prefetch fetches a layer's prioritised files (before its prefetch
 	// landmark) right after mounting it.
 	Prefetch bool `toml:"prefetch"`
+	// StartupFetch fetches, once an image's top layer is mounted, the files
+	// its entrypoint needs to start: the program, its ELF interpreter and
+	// shared libraries, and glibc's start-up files (needs the containerd
+	// address, to read the image config).
+	StartupFetch bool `toml:"startup_fetch"`
 	// BackgroundFetch then fetches the rest of the layer.
 	BackgroundFetch bool `toml:"background_fetch"`
 	// BackgroundDelay is how long after a layer is mounted background
@@ -98,6 +103,12 @@ type Store struct {
 	// by piece (each chunk verified on its own) while the file is
 	// fetched, instead of after all of it; "0" turns that off.
 	PartialMinSize Size `toml:"partial_min_size"`
+	// Verity enables fs-verity on sealed objects where the store's
+	// filesystem supports it: the kernel then checks every page read, and
+	// objects need no re-hash after a restart. Without it (or where it is
+	// unsupported) an object sealed before a restart is hashed again on
+	// its first open, and fetched again if it no longer matches.
+	Verity bool `toml:"verity"`
 }
 
 // Containerd says where the containerd this daemon serves listens. lazycas
@@ -181,11 +192,11 @@ func Default() Config {
 		LogLevel:  DefaultLogLevel,
 		LogFormat: DefaultLogFormat,
 		FS: FS{
-			Lazy: true, Passthrough: true, Prefetch: true, BackgroundFetch: true, FetchConcurrency: 2,
+			Lazy: true, Passthrough: true, Prefetch: true, StartupFetch: true, BackgroundFetch: true, FetchConcurrency: 2,
 			BackgroundDelay: Duration{2 * time.Second},
 		},
 		Containerd: Containerd{Address: DefaultContainerdAddress},
-		Store:      Store{PartialMinSize: Size{4 << 20}},
+		Store:      Store{PartialMinSize: Size{4 << 20}, Verity: true},
 		Remote:     Remote{RequestTimeout: Duration{30 * time.Second}, Retries: 4, MaxInFlight: 4},
 	}
 }

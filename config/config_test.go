@@ -40,6 +40,8 @@ request_timeout = "5s"
 retries = 2
 [containerd]
 address = ""
+[store]
+verity = false
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -52,6 +54,9 @@ address = ""
 	}
 	if cfg.Containerd.Address != "" {
 		t.Errorf("containerd = %+v", cfg.Containerd)
+	}
+	if cfg.Store.Verity || !Default().Store.Verity {
+		t.Errorf("store.verity = %v, default %v; want false, default true", cfg.Store.Verity, Default().Store.Verity)
 	}
 }
 

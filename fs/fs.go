@@ -59,12 +59,17 @@ type Options struct {
 	// Finder locates a layer whose Prepare carried no image labels; nil
 	// leaves such layers to be unpacked.
 	Finder LayerFinder
+	// StartupFetch fetches, when an image's top layer is mounted, the
+	// files its entrypoint loads to start (see startup). It needs Images.
+	StartupFetch bool
+	// Images reads image manifests and configs; nil turns StartupFetch off.
+	Images ImageReader
 }
 
 // LayerFinder finds the image repository and blob of a lazy layer from
 // the labels containerd always passes (the layer's TOC digest annotation).
 type LayerFinder interface {
-	FindLayer(ctx context.Context, labels map[string]string) (ref string, layer ocispec.Descriptor, err error)
+	FindLayer(ctx context.Context, labels map[string]string) (ref string, layer ocispec.Descriptor, manifest digest.Digest, err error)
 }
 
 // FileSystem mounts and serves lazy layers.
@@ -141,12 +146,13 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	}
 	start := time.Now()
 	ref, desc := labels[snapshot.LabelImageRef], ocispec.Descriptor{Digest: digest.Digest(labels[snapshot.LabelLayerDigest])}
+	manifest := digest.Digest(labels[snapshot.LabelManifestDigest])
 	if ref == "" || desc.Digest == "" {
 		if f.opts.Finder == nil {
 			return errors.New("labels name no image and layer")
 		}
 		var err error
-		if ref, desc, err = f.opts.Finder.FindLayer(ctx, labels); err != nil {
+		if ref, desc, manifest, err = f.opts.Finder.FindLayer(ctx, labels); err != nil {
 			return fmt.Errorf("labels name no image and layer: %w", err)
 		}
 		log.G(ctx).WithFields(log.Fields{"ref": ref, "layer": desc.Digest}).Debug("found the layer's image in containerd")
@@ -181,9 +187,18 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 		f.forget(ctx, key)
 		return fmt.Errorf("layer %s: %w", dgst, err)
 	}
-	if _, err := f.serve(ctx, key, mountpoint, blob, fileSpans(tree.Nodes)); err != nil {
+	m, err := f.serve(ctx, key, mountpoint, blob, fileSpans(tree.Nodes))
+	if err != nil {
 		f.forget(ctx, key)
 		return err
+	}
+	if f.opts.StartupFetch && f.opts.Images != nil && manifest.Validate() == nil {
+		// Under the layer's fetch context: unmounting it stops this.
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			f.startup(m.bg, manifest, dgst)
+		}()
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"key": key, "layer": dgst, "format": toc.Format, "entries": len(tree.Nodes), "files": tree.Files,
@@ -459,7 +474,8 @@ func (m *mounted) fillPiece(ctx context.Context, p *store.Partial, c metadata.Ch
 
 // ensure fills the store with n's content, reading through pre (bytes
 // already fetched) where it covers the chunks. Background fetches (pre
-// non-nil, possibly empty) yield to readers and keep to the bandwidth cap.
+// non-nil, possibly empty, not marked reader) yield to readers and keep to
+// the bandwidth cap.
 func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched) error {
 	_, err := m.fs.store.Ensure(ctx, digest.Digest(n.Digest), n.Size, func(ctx context.Context, w io.Writer) error {
 		b, err := m.remoteBlob(ctx)
@@ -487,7 +503,7 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 		defer p.Release()
 		var buf []byte
 		for _, c := range n.Chunks {
-			if pre != nil && !p.Has(c.FileOffset, c.Size) {
+			if pre != nil && !pre.reader && !p.Has(c.FileOffset, c.Size) {
 				// Background: let readers go first, before claiming
 				// the piece (a reader may then wait for it).
 				if err := m.fs.yield(ctx); err != nil {
@@ -662,6 +678,9 @@ type prefetched struct {
 	off  int64
 	buf  []byte
 	next layer.RangeReader
+	// reader marks bytes fetched for a reader (readahead, start-up
+	// files): filling from them never yields to readers.
+	reader bool
 }
 
 func (p *prefetched) ReadRanges(ctx context.Context, ranges []layer.Range) error {

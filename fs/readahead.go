@@ -98,7 +98,7 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	if err := (blobRanges{b}).ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
 		return err
 	}
-	pre := &prefetched{off: start, buf: buf, next: blobRanges{b}}
+	pre := &prefetched{off: start, buf: buf, next: blobRanges{b}, reader: true}
 	m.addWindow(pre)
 	if err := m.ensure(ctx, n, pre); err != nil {
 		return err

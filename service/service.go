@@ -84,7 +84,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return nil, fmt.Errorf("create root: %w", err)
 	}
-	st, err := store.Open(ctx, filepath.Join(cfg.Root, "store"))
+	st, err := store.Open(ctx, filepath.Join(cfg.Root, "store"), store.WithVerity(cfg.Store.Verity))
 	if err != nil {
 		return nil, err
 	}
@@ -127,6 +127,8 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 	if cfg.Containerd.Address != "" {
 		l.finder = finder.New(cfg.Containerd.Address)
 		fo.Finder = l.finder
+		fo.Images = l.finder
+		fo.StartupFetch = cfg.FS.StartupFetch
 	}
 	l.fs = lazyfs.New(meta, st, l.fetcher, fo)
 	st.SetMaxBytes(cfg.Store.MaxSize.Bytes)

@@ -49,6 +49,7 @@ type Finder struct {
 
 // manifest is what a blob holds; nil layers for a blob that is no manifest.
 type manifest struct {
+	config ocispec.Descriptor
 	layers []ocispec.Descriptor
 }
 
@@ -83,25 +84,26 @@ func (f *Finder) store() (content.Store, error) {
 // FindLayer returns the image repository and layer descriptor of the lazy
 // layer whose TOC digest the labels carry, searching the content store of
 // the namespace ctx's request came from.
-func (f *Finder) FindLayer(ctx context.Context, labels map[string]string) (string, ocispec.Descriptor, error) {
+func (f *Finder) FindLayer(ctx context.Context, labels map[string]string) (string, ocispec.Descriptor, digest.Digest, error) {
 	toc := labels[layer.AnnotationTOCDigest]
 	if toc == "" {
-		return "", ocispec.Descriptor{}, errors.New("no TOC digest label to find the layer by")
+		return "", ocispec.Descriptor{}, "", errors.New("no TOC digest label to find the layer by")
 	}
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
-		return "", ocispec.Descriptor{}, fmt.Errorf("find layer: %w", err)
+		return "", ocispec.Descriptor{}, "", fmt.Errorf("find layer: %w", err)
 	}
 	cs, err := f.store()
 	if err != nil {
-		return "", ocispec.Descriptor{}, err
+		return "", ocispec.Descriptor{}, "", err
 	}
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), lookupTimeout)
 	defer cancel()
 
 	var (
-		ref   string
-		found ocispec.Descriptor
+		ref      string
+		found    ocispec.Descriptor
+		manifest digest.Digest
 	)
 	errFound := errors.New("found")
 	err = cs.Walk(ctx, func(info content.Info) error {
@@ -115,19 +117,63 @@ func (f *Finder) FindLayer(ctx context.Context, labels map[string]string) (strin
 		}
 		for _, l := range m.layers {
 			if l.Annotations[layer.AnnotationTOCDigest] == toc {
-				ref, found = repo, l
+				ref, found, manifest = repo, l, info.Digest
 				return errFound
 			}
 		}
 		return nil
 	})
 	if errors.Is(err, errFound) {
-		return ref, found, nil
+		return ref, found, manifest, nil
 	}
 	if err != nil {
-		return "", ocispec.Descriptor{}, fmt.Errorf("search containerd's content store (namespace %s): %w", ns, err)
+		return "", ocispec.Descriptor{}, "", fmt.Errorf("search containerd's content store (namespace %s): %w", ns, err)
 	}
-	return "", ocispec.Descriptor{}, fmt.Errorf("no manifest in namespace %s lists a layer with TOC %s", ns, toc)
+	return "", ocispec.Descriptor{}, "", fmt.Errorf("no manifest in namespace %s lists a layer with TOC %s", ns, toc)
+}
+
+// maxConfig bounds an image config read for its entrypoint.
+const maxConfig = 1 << 20
+
+// Image returns the layers of a manifest in containerd's content store
+// and the image config it names, from the namespace of ctx's request.
+func (f *Finder) Image(ctx context.Context, manifest digest.Digest) ([]ocispec.Descriptor, ocispec.Image, error) {
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, ocispec.Image{}, fmt.Errorf("read image: %w", err)
+	}
+	cs, err := f.store()
+	if err != nil {
+		return nil, ocispec.Image{}, err
+	}
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), lookupTimeout)
+	defer cancel()
+	info, err := cs.Info(ctx, manifest)
+	if err != nil {
+		return nil, ocispec.Image{}, fmt.Errorf("manifest %s: %w", manifest, err)
+	}
+	if info.Size > maxManifest {
+		return nil, ocispec.Image{}, fmt.Errorf("manifest %s: %d bytes is too big", manifest, info.Size)
+	}
+	m, err := f.manifest(ctx, cs, info)
+	if err != nil {
+		return nil, ocispec.Image{}, fmt.Errorf("manifest %s: %w", manifest, err)
+	}
+	if m == nil {
+		return nil, ocispec.Image{}, fmt.Errorf("%s is not an image manifest", manifest)
+	}
+	if m.config.Size > maxConfig {
+		return nil, ocispec.Image{}, fmt.Errorf("config %s: %d bytes is too big", m.config.Digest, m.config.Size)
+	}
+	data, err := content.ReadBlob(ctx, cs, m.config)
+	if err != nil {
+		return nil, ocispec.Image{}, fmt.Errorf("config %s: %w", m.config.Digest, err)
+	}
+	var img ocispec.Image
+	if err := json.Unmarshal(data, &img); err != nil {
+		return nil, ocispec.Image{}, fmt.Errorf("config %s: %w", m.config.Digest, err)
+	}
+	return m.layers, img, nil
 }
 
 // manifest reads and caches the blob of info if it is an image manifest.
@@ -147,7 +193,7 @@ func (f *Finder) manifest(ctx context.Context, cs content.Store, info content.In
 		Layers []ocispec.Descriptor `json:"layers"`
 	}
 	if json.Unmarshal(data, &parsed) == nil && parsed.Config.Digest != "" && len(parsed.Layers) > 0 {
-		m = &manifest{layers: parsed.Layers}
+		m = &manifest{config: parsed.Config, layers: parsed.Layers}
 	}
 	f.mu.Lock()
 	f.seen[info.Digest] = m
