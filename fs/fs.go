@@ -383,6 +383,11 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 		if !errors.Is(err, store.ErrNotFound) || attempt == 3 {
 			return nil, fmt.Errorf("layer %s inode %d: %w", m.meta.Info.Digest, n.ID, err)
 		}
+		if m.piecewise(n) && !m.fs.store.Has(d) {
+			// Collected, or removed by a failed check: served piece by
+			// piece again rather than after the whole file.
+			return m.openPartial(ctx, n)
+		}
 		done := m.fs.foreground()
 		err = m.fetchAround(ctx, n)
 		done()
