@@ -172,7 +172,13 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	}
 	info := metadata.LayerInfo{
 		Ref: ref, Digest: dgst.String(), Size: blob.Size(), TOCDigest: toc.Digest.String(),
-		Format: string(toc.Format), Prefetch: tree.Prefetch,
+		Format: string(toc.Format), Prefetch: tree.Prefetch, NoXattrs: true,
+	}
+	for _, n := range tree.Nodes {
+		if len(n.Xattrs) > 0 || n.Opaque {
+			info.NoXattrs = false
+			break
+		}
 	}
 	if err := f.meta.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
 		return err
@@ -236,6 +242,7 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 	fl, err := fuse.Mount(ctx, mountpoint, ml, m, fuse.Options{
 		FsName:      "lazycas:" + ml.Info.Digest,
 		OpaqueXattr: f.opts.OpaqueXattr,
+		NoXattrs:    ml.Info.NoXattrs,
 		Passthrough: f.opts.Passthrough,
 		Debug:       f.opts.Debug,
 	})

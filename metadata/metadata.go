@@ -103,6 +103,10 @@ type LayerInfo struct {
 	// Prefetch lists, in order, the regular files placed before the
 	// prefetch landmark.
 	Prefetch []uint64 `json:"prefetch,omitempty"`
+	// NoXattrs is set when no inode of the layer has an xattr and no
+	// directory is opaque; false (as in records older than the field)
+	// makes no such promise.
+	NoXattrs bool `json:"noXattrs,omitempty"`
 	// Nodes counts the layer's inodes.
 	Nodes    int       `json:"nodes"`
 	Created  time.Time `json:"created"`

@@ -59,6 +59,14 @@ type Options struct {
 	FsName string
 	// OpaqueXattr is the one xattr name an opaque directory answers to.
 	OpaqueXattr string
+	// NoXattrs says no inode has an xattr (nor is an opaque directory):
+	// the first getxattr is answered ENOSYS, after which the kernel answers
+	// every getxattr of the mount itself (EOPNOTSUPP, which overlayfs and
+	// the capability check on exec take as "none"). overlayfs asks each
+	// lower file and directory for several of its xattrs: without this, a
+	// walk of a tree costs a round trip to the daemon per entry more.
+	// listxattr still answers (an empty list).
+	NoXattrs bool
 	// Passthrough lets the kernel read opened files directly from the
 	// store's object files (FUSE passthrough) where it can.
 	Passthrough bool
@@ -328,6 +336,9 @@ func (n *node) xattr(name string) ([]byte, bool) {
 }
 
 func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	if n.m.opts.NoXattrs {
+		return 0, syscall.ENOSYS
+	}
 	v, ok := n.xattr(attr)
 	if !ok {
 		return 0, syscall.ENODATA
