@@ -166,10 +166,12 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	if err != nil {
 		return err
 	}
+	tocRead := time.Now()
 	tree, err := layer.Build(toc)
 	if err != nil {
 		return fmt.Errorf("layer %s: invalid TOC: %w", dgst, err)
 	}
+	built := time.Now()
 	info := metadata.LayerInfo{
 		Ref: ref, Digest: dgst.String(), Size: blob.Size(), TOCDigest: toc.Digest.String(),
 		Format: string(toc.Format), Prefetch: tree.Prefetch, NoXattrs: true,
@@ -183,6 +185,7 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	if err := f.meta.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
 		return err
 	}
+	stored := time.Now()
 	refs := make([]store.Ref, 0, tree.Files)
 	for _, n := range tree.Nodes {
 		if n.Type == metadata.TypeReg && n.Size > 0 {
@@ -209,6 +212,8 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	log.G(ctx).WithFields(log.Fields{
 		"key": key, "layer": dgst, "format": toc.Format, "entries": len(tree.Nodes), "files": tree.Files,
 		"prefetch": len(tree.Prefetch), "took": time.Since(start).Round(time.Millisecond),
+		"toc": tocRead.Sub(start).Round(time.Millisecond), "build": built.Sub(tocRead).Round(time.Millisecond),
+		"metadata": stored.Sub(built).Round(time.Millisecond),
 	}).Info("layer mounted lazily")
 	return nil
 }
