@@ -95,6 +95,11 @@ func TestSharedStoreDedupsAcrossImages(t *testing.T) {
 	if after.Store.DedupRatio() < 1.9 {
 		t.Errorf("dedup ratio %.2f, want about 2 for two images of the same files", after.Store.DedupRatio())
 	}
+	// Here, while both images are whole in the store: the GC below
+	// removes the objects.
+	t.Run("page cache holds a shared file once", func(t *testing.T) {
+		checkSharedPageCache(ctx, t, env, img, img2)
+	})
 
 	// The CLI shows the same figures.
 	cmd := exec.CommandContext(ctx, cliBin, "store", "stats", "--api-address", apiSocket(env))

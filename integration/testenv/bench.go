@@ -25,6 +25,10 @@ func RegistryConfig(storage, addr string) string {
 	return fmt.Sprintf(registryConfig, storage, addr)
 }
 
+// ContainerdRoot is containerd's root directory, where its own
+// snapshotters (overlayfs) keep their snapshots.
+func (e *Env) ContainerdRoot() string { return filepath.Join(e.Dir, "containerd") }
+
 // DaemonPID is the process id of the running lazycas daemon, 0 if none.
 func (e *Env) DaemonPID() int { return e.pid(func() *process { return e.daemon }) }
 

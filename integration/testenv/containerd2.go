@@ -205,6 +205,10 @@ func (e *Env) startContainerd2(ctx context.Context, cfg, root string) (*process,
 	body := fmt.Sprintf(containerd2Config, root, filepath.Join(e.RunDir, "state"), e.ContainerdAddress,
 		e.ContainerdAddress+".ttrpc", filepath.Join(root, "opt"), platform, platform, Snapshotter,
 		Snapshotter, e.DaemonAddress)
+	for _, p := range e.opts.ProxySnapshotters {
+		body += fmt.Sprintf("  [proxy_plugins.%q]\n    type = \"snapshot\"\n    address = %q\n"+
+			"    exports = { enable_remote_snapshot_annotations = \"true\" }\n", p.Name, p.Address)
+	}
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		return nil, err
 	}

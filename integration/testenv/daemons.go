@@ -219,6 +219,9 @@ func (e *Env) startContainerd(ctx context.Context) error {
 	} else {
 		body := fmt.Sprintf(containerdConfig, root, filepath.Join(e.RunDir, "state"), e.ContainerdAddress,
 			e.ContainerdAddress+".ttrpc", filepath.Join(root, "opt"), e.DaemonAddress)
+		for _, p := range e.opts.ProxySnapshotters {
+			body += fmt.Sprintf("  [proxy_plugins.%q]\n    type = \"snapshot\"\n    address = %q\n", p.Name, p.Address)
+		}
 		if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 			return err
 		}

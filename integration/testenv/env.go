@@ -52,8 +52,19 @@ type Options struct {
 	// Containerd2 runs containerd Containerd2Version (built once into the
 	// test cache, see BuildContainerd2) instead of Debian's 1.6.
 	Containerd2 bool
+	// ProxySnapshotters are more snapshotters containerd reaches as proxy
+	// plugins, besides lazycas: daemons the caller runs (the benchmark's
+	// peers). containerd's garbage collector removes every snapshot of
+	// theirs that its own metadata does not list.
+	ProxySnapshotters []ProxySnapshotter
 	// Logf receives progress messages; nil discards them.
 	Logf func(format string, args ...any)
+}
+
+// ProxySnapshotter is a snapshotter daemon serving containerd's snapshots
+// API on a unix socket.
+type ProxySnapshotter struct {
+	Name, Address string
 }
 
 // Env is a running registry, containerd and lazycas daemon.

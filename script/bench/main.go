@@ -15,6 +15,7 @@
 // Run it as root from the repository root:
 //
 //	go run ./script/bench [-runs 3] [-link loopback,100mbit-20ms] [-workloads print,import,readall,second,warm] [-out bench-results] [-quick]
+//	    [-peer NAME=SOCKET[,cri|none]]...
 //
 // Everything it starts (daemons, network namespace, veths, mounts) is
 // removed at the end, on Ctrl-C or SIGTERM too, and what a killed run left
@@ -53,8 +54,9 @@ type options struct {
 	profile      bool
 	saveLogs     bool
 	publish      string
-	extraConf    string // more lazycas daemon config (TOML)
-	snapshotters []string
+	extraConf    string   // more lazycas daemon config (TOML)
+	snapshotters []string // measured, peers included
+	peers        []peerSpec
 	runTimeout   time.Duration
 }
 
@@ -74,6 +76,10 @@ func main() {
 	replot := flag.String("report", "", "only redo the table, Markdown and PNGs of an earlier results `FILE.json`, next to it")
 	flag.StringVar(&o.publish, "publish", "", "also copy the results to `DIR` under fixed names (results.json, results.md, <chart>.png), e.g. docs/bench")
 	quick := flag.Bool("quick", false, "development: 1 run, loopback only, no profile run (overrides -runs and -link)")
+	var peers peerFlags
+	flag.Var(&peers, "peer", "also measure the snapshotter serving containerd's snapshots API on `NAME=SOCKET[,LABELS]` (repeatable): "+
+		"a daemon you run for the benchmark alone, registered with the benchmark's containerd as proxy plugin NAME; "+
+		"LABELS is cri (pull with the labels CRI and nerdctl send, the default) or none (containerd's client's own)")
 	flag.Parse()
 	if *replot != "" {
 		if err := redoReport(*replot, o.publish); err != nil {
@@ -99,12 +105,11 @@ func main() {
 		}
 		o.workloads = append(o.workloads, w)
 	}
-	for _, sn := range strings.Split(*sns, ",") {
-		if !slices.Contains(snapshotters, sn) {
-			fatal(fmt.Errorf("unknown snapshotter %q (have %s)", sn, strings.Join(snapshotters, ", ")))
-		}
-		o.snapshotters = append(o.snapshotters, sn)
+	var err error
+	if o.snapshotters, err = measuredSnapshotters(*sns, peers); err != nil {
+		fatal(err)
 	}
+	o.peers = peers
 	if *confFile != "" {
 		b, err := os.ReadFile(*confFile)
 		if err != nil {
@@ -123,7 +128,7 @@ func main() {
 	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	err := run(ctx, o)
+	err = run(ctx, o)
 	switch {
 	case err == nil:
 	case ctx.Err() != nil:
@@ -163,7 +168,7 @@ func run(sigCtx context.Context, o options) (err error) {
 
 	started := time.Now()
 	rep := &report{Started: started, Command: strings.Join(append([]string{"script/bench"}, os.Args[1:]...), " "), Runs: o.runs, Links: o.links,
-		Workloads: map[string]string{}, Machine: readMachine()}
+		Workloads: map[string]string{}, Machine: readMachine(), Peers: o.peers}
 	for _, w := range o.workloads {
 		rep.Workloads[w] = workloadDesc[w]
 	}
@@ -188,6 +193,41 @@ func run(sigCtx context.Context, o options) (err error) {
 	ctx, cancel := context.WithTimeout(sigCtx, o.timeout)
 	defer cancel()
 
+	// Peers join containerd's config, so they are checked before it
+	// starts (and before the build, to fail early). A killed run's peers
+	// are emptied by the next run's cleanLeftovers, through peersFile,
+	// written once they passed the check.
+	var proxies []testenv.ProxySnapshotter
+	peers := map[string]peerSpec{}
+	for _, p := range o.peers {
+		if err := checkPeer(ctx, p); err != nil {
+			return err
+		}
+		proxies = append(proxies, testenv.ProxySnapshotter{Name: p.Name, Address: p.Socket})
+		peers[p.Name] = p
+		rep.Notes = append(rep.Notes, peerNote(p))
+	}
+	if len(o.peers) > 0 {
+		data, err := json.Marshal(o.peers)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(work, peersFile), data, 0o644); err != nil {
+			return err
+		}
+		defer func() {
+			// After containerd stopped (deferred earlier, runs later):
+			// the peers are left with no snapshot of the benchmark's.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(sigCtx), time.Minute)
+			defer cancel()
+			for _, p := range o.peers {
+				if _, cerr := removePeerSnapshots(cctx, p); cerr != nil {
+					err = errors.Join(err, cerr)
+				}
+			}
+		}()
+	}
+
 	daemon := o.daemon
 	if daemon == "" {
 		prog.logf("building containerd-lazycas-grpc")
@@ -205,7 +245,7 @@ func run(sigCtx context.Context, o options) (err error) {
 		return err
 	}
 	env, err := testenv.Start(ctx, testenv.Options{WorkDir: envDir, DaemonPath: daemon, DaemonConfig: baseConfig,
-		Logf: func(f string, a ...any) { prog.logf(f, a...) }})
+		ProxySnapshotters: proxies, Logf: func(f string, a ...any) { prog.logf(f, a...) }})
 	if err != nil {
 		return err
 	}
@@ -234,7 +274,7 @@ func run(sigCtx context.Context, o options) (err error) {
 	}
 	rep.Images = images
 
-	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig}
+	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig, peers: peers}
 	for _, l := range o.links {
 		upstream := env.RegistryHost
 		if l.Rate != "" {
@@ -401,14 +441,36 @@ func lock() (func(), error) {
 	return func() { f.Close() }, nil
 }
 
+// peersFile, in a run's directory, lists the peers it measures.
+const peersFile = "peers.json"
+
 // cleanLeftovers removes what a killed run left: its network namespace and
-// veths, its containerd shims, mounts and directories.
+// veths, its containerd shims, mounts and directories, and its peers'
+// snapshots.
 func cleanLeftovers(logf func(string, ...any)) {
 	if err := removeStaleLinks(logf); err != nil {
 		logf("removing leftover links: %v", err)
 	}
 	dirs, _ := filepath.Glob(filepath.Join(workParent, workPrefix+"*"))
 	for _, d := range dirs {
+		if fi, err := os.Lstat(d); err != nil || !fi.IsDir() {
+			continue // a run's directory, never someone's file of that name
+		}
+		var peers []peerSpec
+		if b, err := os.ReadFile(filepath.Join(d, peersFile)); err == nil && json.Unmarshal(b, &peers) == nil {
+			for _, p := range peers {
+				if _, err := os.Stat(p.Socket); err != nil {
+					continue // the peer is gone, and its snapshots with it
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				if n, err := removePeerSnapshots(ctx, p); err != nil {
+					logf("removing the snapshots of peer %s an earlier run left: %v", p.Name, err)
+				} else if n > 0 {
+					logf("removed %d snapshots of peer %s an earlier run left", n, p.Name)
+				}
+				cancel()
+			}
+		}
 		runDir := ""
 		if b, err := os.ReadFile(filepath.Join(d, "rundir")); err == nil {
 			runDir = strings.TrimSpace(string(b))

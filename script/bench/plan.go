@@ -163,7 +163,13 @@ func fmtOps(ops map[string]int64) string {
 		all = append(all, kv{k, v})
 		total += v
 	}
-	slices.SortFunc(all, func(a, b kv) int { return int(b.v - a.v) })
+	// Ties by name: a report redone from its JSON reads the same.
+	slices.SortFunc(all, func(a, b kv) int {
+		if a.v != b.v {
+			return int(b.v - a.v)
+		}
+		return strings.Compare(a.k, b.k)
+	})
 	parts := []string{fmt.Sprintf("%d FUSE ops", total)}
 	for i, x := range all {
 		if i == 6 {

@@ -5,6 +5,7 @@ import (
 	"image/color"
 	"math"
 	"path/filepath"
+	"slices"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/font"
@@ -16,6 +17,30 @@ import (
 var seriesColor = map[string]color.Color{
 	snOverlay: color.RGBA{R: 0x8c, G: 0x8c, B: 0x8c, A: 0xff},
 	snLazycas: color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+}
+
+// peerColors colour the peers' bars, in -peer order.
+var peerColors = []color.Color{
+	color.RGBA{R: 0xff, G: 0x7f, B: 0x0e, A: 0xff},
+	color.RGBA{R: 0x2c, G: 0xa0, B: 0x2c, A: 0xff},
+	color.RGBA{R: 0x94, G: 0x67, B: 0xbd, A: 0xff},
+	color.RGBA{R: 0xd6, G: 0x27, B: 0x28, A: 0xff},
+}
+
+func colorOf(series []string, s string) color.Color {
+	if c, ok := seriesColor[s]; ok {
+		return c
+	}
+	n := 0
+	for _, x := range series {
+		if x == s {
+			break
+		}
+		if _, builtin := seriesColor[x]; !builtin {
+			n++
+		}
+	}
+	return peerColors[n%len(peerColors)]
 }
 
 // bar is one bar's figures, already scaled for display.
@@ -31,6 +56,12 @@ func barChart(path, title, ylabel string, groups, series []string, format string
 	p.Title.Text = title
 	p.Y.Label.Text = ylabel
 	p.Y.Min = 0
+	// A series with no bar at all (a peer without the figure) takes no
+	// place and no legend entry.
+	all := series // colours stay the same from chart to chart
+	series = slices.DeleteFunc(slices.Clone(series), func(s string) bool {
+		return !slices.ContainsFunc(groups, func(g string) bool { return get(g, s).ok })
+	})
 	const width = 24 * vg.Centimeter
 	barW := vg.Length(float64(width) * 0.7 / float64(len(groups)*len(series)+1))
 	barW = min(barW, 2*vg.Centimeter)
@@ -54,7 +85,7 @@ func barChart(path, title, ylabel string, groups, series []string, format string
 		if err != nil {
 			return err
 		}
-		bc.Color = seriesColor[s]
+		bc.Color = colorOf(all, s)
 		bc.LineStyle.Width = 0
 		bc.Offset = eb.offset
 		p.Add(bc, eb)
@@ -137,7 +168,7 @@ func writePlots(prefix string, r *report, res *results) ([]string, error) {
 			return nil
 		}
 		path := prefix + "-" + name + ".png"
-		if err := barChart(path, title, ylabel, groups, snapshotters, format, get); err != nil {
+		if err := barChart(path, title, ylabel, groups, r.columns(), format, get); err != nil {
 			return fmt.Errorf("plot %s: %w", filepath.Base(path), err)
 		}
 		files = append(files, path)
@@ -168,6 +199,19 @@ func writePlots(prefix string, r *report, res *results) ([]string, error) {
 			func(g, s string) bar { return summaryBar(res.find(g, wl, s), mFirst, 1) }); err != nil {
 			return files, err
 		}
+	}
+	var pcLinks []string
+	for _, l := range links {
+		for _, sn := range r.columns() {
+			if summaryBar(res.find(l, wlSecond, sn), mPageCache, 1).ok {
+				pcLinks = append(pcLinks, l)
+				break
+			}
+		}
+	}
+	if err := save("pagecache", "Page cache of "+sharedFile+" after a container of each of two images read it (MB)", "MB",
+		pcLinks, "%.1f", func(g, s string) bar { return summaryBar(res.find(g, wlSecond, s), mPageCache, 1e6) }); err != nil {
+		return files, err
 	}
 	if r.WarmLink != "" {
 		labels := map[string]string{mColdRead: "first read after pull", mWarmRead: "warm read", mHotRead: "hot read",

@@ -56,6 +56,7 @@ func init() {
 		{mReqs, "registry HTTP requests", 1, "%.0f"},
 		{mLazyRSS, "lazycas peak RSS (MB)", 1e6, "%.0f"},
 		{mCtrdRSS, "containerd peak RSS (MB)", 1e6, "%.0f"},
+		{mPeerRSS, "peer daemon peak RSS since it started (MB)", 1e6, "%.0f"},
 	}
 	shown[wlPrint], shown[wlImport], shown[wlRead] = cold, cold, cold
 	second := slices.Clone(cold)
@@ -64,7 +65,9 @@ func init() {
 		metricDef{mNewBytes, "new file bytes in the image (MB)", 1e6, "%.1f"},
 	)
 	second = append(second, metricDef{mStore, "store content after both (MB)", 1e6, "%.1f"},
-		metricDef{mDedup, "store dedup ratio", 1, "%.2f"})
+		metricDef{mDedup, "store dedup ratio", 1, "%.2f"},
+		metricDef{mPageCache, "page cache of " + sharedFile + " (in both images) after a container of each read it (MB)", 1e6, "%.1f"},
+		metricDef{mPageCopies, "  that is, copies of the file", 1, "%.2f"})
 	shown[wlSecond] = second
 	shown[wlWarm] = []metricDef{
 		{mColdRead, "first read of the 128 MiB file after the pull (MB/s)", 1, "%.0f"},
@@ -75,17 +78,20 @@ func init() {
 		{mWalkCount, "entries found", 1, "%.0f"},
 		{mLazyRSS, "lazycas peak RSS (MB)", 1e6, "%.0f"},
 		{mCtrdRSS, "containerd peak RSS (MB)", 1e6, "%.0f"},
+		{mPeerRSS, "peer daemon peak RSS since it started (MB)", 1e6, "%.0f"},
 	}
 }
 
-// ratio is lazycas's median over overlayfs's, same link and workload.
+// ratio is a snapshotter's median over overlayfs's, same link and
+// workload.
 type ratio struct {
-	Link     string  `json:"link"`
-	Workload string  `json:"workload"`
-	Metric   string  `json:"metric"`
-	Overlay  float64 `json:"overlayfs"`
-	Lazycas  float64 `json:"lazycas"`
-	Ratio    float64 `json:"ratio"`
+	Link        string  `json:"link"`
+	Workload    string  `json:"workload"`
+	Metric      string  `json:"metric"`
+	Snapshotter string  `json:"snapshotter"`
+	Overlay     float64 `json:"overlayfs"`
+	Value       float64 `json:"value"`
+	Ratio       float64 `json:"ratio"`
 }
 
 // target is one of issue 7's goals, checked against this run.
@@ -178,6 +184,37 @@ type report struct {
 	Ratios     []ratio               `json:"ratios"`
 	Targets    []target              `json:"targets"`
 	Profile    []profileRun          `json:"profile,omitempty"`
+	// Peers are the other snapshotters measured (-peer); Notes say what
+	// their figures mean.
+	Peers []peerSpec `json:"peers,omitempty"`
+	Notes []string   `json:"notes,omitempty"`
+}
+
+// columns are the snapshotters of the tables and plots: overlayfs,
+// lazycas, then the peers.
+func (r *report) columns() []string {
+	cols := slices.Clone(snapshotters)
+	for _, p := range r.Peers {
+		cols = append(cols, p.Name)
+	}
+	return cols
+}
+
+// ratioColumns are the snapshotters compared with overlayfs, and the
+// headers of their ratio columns: "ratio" alone when lazycas is the only
+// one, as in every run without peers.
+func (r *report) ratioColumns() (sns, headers []string) {
+	for _, sn := range r.columns() {
+		if sn == snOverlay {
+			continue
+		}
+		sns = append(sns, sn)
+		headers = append(headers, "ratio "+sn)
+	}
+	if len(sns) == 1 {
+		headers[0] = "ratio"
+	}
+	return sns, headers
 }
 
 // finish computes the summaries, ratios and targets.
@@ -195,28 +232,31 @@ func (r *report) finish(res *results) {
 		}
 	}
 	r.Ratios = nil
+	cmpTo, _ := r.ratioColumns()
 	for _, l := range r.Links {
 		for _, wl := range allWorkloads {
-			o, z := res.find(l.Name, wl, snOverlay), res.find(l.Name, wl, snLazycas)
-			if o == nil || z == nil {
-				continue
-			}
-			for _, md := range shown[wl] {
-				so, ok1 := o.Summary[md.key]
-				sz, ok2 := z.Summary[md.key]
-				if !ok1 || !ok2 || so.Median == 0 || md.key == mNewBytes {
+			for _, sn := range cmpTo {
+				o, z := res.find(l.Name, wl, snOverlay), res.find(l.Name, wl, sn)
+				if o == nil || z == nil {
 					continue
 				}
-				r.Ratios = append(r.Ratios, ratio{l.Name, wl, md.key, so.Median, sz.Median, sz.Median / so.Median})
+				for _, md := range shown[wl] {
+					so, ok1 := o.Summary[md.key]
+					sz, ok2 := z.Summary[md.key]
+					if !ok1 || !ok2 || so.Median == 0 || md.key == mNewBytes {
+						continue
+					}
+					r.Ratios = append(r.Ratios, ratio{l.Name, wl, md.key, sn, so.Median, sz.Median, sz.Median / so.Median})
+				}
 			}
 		}
 	}
 	r.Targets = r.targets(res)
 }
 
-func (r *report) ratioOf(link, wl, metric string) (float64, bool) {
+func (r *report) ratioOf(link, wl, sn, metric string) (float64, bool) {
 	for _, x := range r.Ratios {
-		if x.Link == link && x.Workload == wl && x.Metric == metric {
+		if x.Link == link && x.Workload == wl && x.Snapshotter == sn && x.Metric == metric {
 			return x.Ratio, true
 		}
 	}
@@ -246,9 +286,9 @@ func (r *report) targets(res *results) []target {
 		}
 		ts = append(ts, t)
 	}
-	v, ok := r.ratioOf(tl, wlPrint, mFirst)
+	v, ok := r.ratioOf(tl, wlPrint, snLazycas, mFirst)
 	add("cold start to first output, lazycas/overlayfs (print)", tl, v, ok, 0.10, true)
-	v, ok = r.ratioOf(tl, wlSecond, mFirst)
+	v, ok = r.ratioOf(tl, wlSecond, snLazycas, mFirst)
 	add("second image sharing base files, to first output, lazycas/overlayfs", tl, v, ok, 0.05, true)
 	if c := res.find(tl, wlSecond, snLazycas); c != nil {
 		all, nw := summarize(c.Samples[mBytesAll]), summarize(c.Samples[mNewBytes])
@@ -261,9 +301,9 @@ func (r *report) targets(res *results) []target {
 	} else {
 		add("second image: lazycas registry bytes / its new file bytes", tl, 0, false, 1.05, true)
 	}
-	v, ok = r.ratioOf(r.WarmLink, wlWarm, mWarmRead)
+	v, ok = r.ratioOf(r.WarmLink, wlWarm, snLazycas, mWarmRead)
 	add("warm sequential read MB/s, lazycas/overlayfs", r.WarmLink, v, ok, 0.95, false)
-	v, ok = r.ratioOf(r.WarmLink, wlWarm, mFind)
+	v, ok = r.ratioOf(r.WarmLink, wlWarm, snLazycas, mFind)
 	add("find / -xdev time, lazycas/overlayfs", r.WarmLink, v, ok, 1.5, true)
 	return ts
 }
@@ -297,55 +337,85 @@ func fmtRatio(v float64, ok bool) string {
 	return fmt.Sprintf("%.2f", v)
 }
 
-// tableRows lists the rows of one link's table: workload, metric, the two
-// snapshotters' summaries and the ratio.
+// tableRows lists the rows of one link's table: workload, metric, each
+// snapshotter's summary, and each ratio to overlayfs.
 func (r *report) tableRows(link string, res *results) [][]string {
+	cols := r.columns()
+	cmpTo, _ := r.ratioColumns()
 	var rows [][]string
 	for _, wl := range allWorkloads {
-		o, z := res.find(link, wl, snOverlay), res.find(link, wl, snLazycas)
-		if o == nil && z == nil {
+		cells := make([]*cell, len(cols))
+		found := false
+		for i, sn := range cols {
+			cells[i] = res.find(link, wl, sn)
+			found = found || cells[i] != nil
+		}
+		if !found {
 			continue
 		}
 		first := true
 		for _, md := range shown[wl] {
-			var so, sz summary
-			if o != nil {
-				so = o.Summary[md.key]
+			row := []string{"", md.label}
+			n := 0
+			for _, c := range cells {
+				var sm summary
+				if c != nil {
+					sm = c.Summary[md.key]
+				}
+				n += sm.N
+				row = append(row, fmtSummary(sm, md))
 			}
-			if z != nil {
-				sz = z.Summary[md.key]
-			}
-			if so.N == 0 && sz.N == 0 {
+			if n == 0 {
 				continue
 			}
-			name := ""
 			if first {
-				name, first = wl, false
+				row[0], first = wl, false
 			}
-			v, ok := r.ratioOf(link, wl, md.key)
-			rows = append(rows, []string{name, md.label, fmtSummary(so, md), fmtSummary(sz, md), fmtRatio(v, ok)})
+			for _, sn := range cmpTo {
+				v, ok := r.ratioOf(link, wl, sn, md.key)
+				row = append(row, fmtRatio(v, ok))
+			}
+			rows = append(rows, row)
 		}
-		for _, c := range []*cell{o, z} {
+		for _, c := range cells {
 			if c != nil && len(c.Errors) > 0 {
-				rows = append(rows, []string{"", fmt.Sprintf("%s: %d failed run(s)", c.Snapshotter, len(c.Errors)), "", "", ""})
+				row := make([]string, len(r.header()))
+				row[1] = fmt.Sprintf("%s: %d failed run(s)", c.Snapshotter, len(c.Errors))
+				rows = append(rows, row)
 			}
 		}
 	}
 	return rows
 }
 
-var header = []string{"workload", "metric", "overlayfs", "lazycas", "ratio"}
+// header is the tables' header row.
+func (r *report) header() []string {
+	_, ratios := r.ratioColumns()
+	return append(append([]string{"workload", "metric"}, r.columns()...), ratios...)
+}
+
+// ratioNote says what the ratio columns divide.
+func (r *report) ratioNote() string {
+	if len(r.Peers) == 0 {
+		return "ratio = lazycas / overlayfs"
+	}
+	return "ratio X = X / overlayfs"
+}
 
 // writeText writes the tables for the terminal.
 func (r *report) writeText(w io.Writer, res *results) {
-	fmt.Fprintf(w, "\nlazycas benchmark, %s; %d cold run(s) each, %d warm samples: median [min–max]; ratio = lazycas / overlayfs\n",
-		r.Started.Format("2006-01-02 15:04"), r.Runs, warmSamples(r.Runs))
+	fmt.Fprintf(w, "\nlazycas benchmark, %s; %d cold run(s) each, %d warm samples: median [min–max]; %s\n",
+		r.Started.Format("2006-01-02 15:04"), r.Runs, warmSamples(r.Runs), r.ratioNote())
 	fmt.Fprintf(w, "machine: %s, %d CPUs (%s), kernel %s, %s\n", r.Machine.OS, r.Machine.CPUs, r.Machine.CPUModel,
 		r.Machine.Kernel, r.Machine.Containerd)
 	fmt.Fprintf(w, "%s\n", r.loadNote())
 	if r.LazycasConfig != "" {
 		fmt.Fprintf(w, "lazycas config added: %q\n", r.LazycasConfig)
 	}
+	for _, n := range r.Notes {
+		fmt.Fprintf(w, "note: %s\n", n)
+	}
+	header := r.header()
 	for _, l := range r.Links {
 		rows := r.tableRows(l.Name, res)
 		if len(rows) == 0 {
@@ -420,15 +490,20 @@ func (r *report) checkNote(link string) string {
 
 // writeMarkdown writes the tables as Markdown, for the README.
 func (r *report) writeMarkdown(w io.Writer, res *results) {
-	fmt.Fprintf(w, "%d cold run(s) each, %d warm samples; median [min–max]; ratio = lazycas / overlayfs in the same run. %s, %d CPUs, kernel %s, %s.\n",
-		r.Runs, warmSamples(r.Runs), r.Machine.OS, r.Machine.CPUs, r.Machine.Kernel, r.Machine.Containerd)
+	fmt.Fprintf(w, "%d cold run(s) each, %d warm samples; median [min–max]; %s in the same run. %s, %d CPUs, kernel %s, %s.\n",
+		r.Runs, warmSamples(r.Runs), r.ratioNote(), r.Machine.OS, r.Machine.CPUs, r.Machine.Kernel, r.Machine.Containerd)
 	fmt.Fprintf(w, "%s.\n", strings.ToUpper(r.loadNote()[:1])+r.loadNote()[1:])
+	for _, n := range r.Notes {
+		fmt.Fprintf(w, "\nNote: %s.\n", n)
+	}
+	header := r.header()
+	align := "|---|---|" + strings.Repeat("--:|", len(header)-2)
 	for _, l := range r.Links {
 		rows := r.tableRows(l.Name, res)
 		if len(rows) == 0 {
 			continue
 		}
-		fmt.Fprintf(w, "\n**%s**%s\n\n| %s |\n|---|---|--:|--:|--:|\n", l.Name, r.checkNote(l.Name), strings.Join(header, " | "))
+		fmt.Fprintf(w, "\n**%s**%s\n\n| %s |\n%s\n", l.Name, r.checkNote(l.Name), strings.Join(header, " | "), align)
 		for _, row := range rows {
 			fmt.Fprintf(w, "| %s |\n", strings.Join(row, " | "))
 		}

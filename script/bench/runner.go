@@ -22,6 +22,7 @@ const (
 	mRanged    = "range_requests"       // of which with a Range header
 	mFetchReqs = "lazycas_requests"     // HTTP requests lazycas's fetcher made (its own count)
 	mLazyRSS   = "lazycas_rss_bytes"    // lazycas daemon's peak RSS (VmHWM)
+	mPeerRSS   = "peer_rss_bytes"       // a peer daemon's peak RSS since it started
 	mCtrdRSS   = "containerd_rss_bytes" // containerd's peak RSS
 	mCreate    = "container_create_s"   // pull done to task started (container created, runc ran)
 	mToOut     = "start_to_output_s"    // task started to first output line
@@ -40,6 +41,11 @@ const (
 	mStatWalk        = "stat_walk_s"     // lstat of every entry, caches dropped
 	mWalkCount       = "walk_entries"    // entries find printed
 	mReadBytes       = "read_file_bytes" // size of the file read
+	// Page cache of a file both images hold, after a container of each
+	// read it (every copy on the node), and the file's size.
+	mPageCache  = "shared_file_page_cache_bytes"
+	mPageCopies = "shared_file_page_cache_copies" // mPageCache / mSharedSize
+	mSharedSize = "shared_file_bytes"
 )
 
 type sample map[string]float64
@@ -115,6 +121,7 @@ type bench struct {
 	logOff  int64  // lazycas.log size when the daemon last started
 	// passthrough as the daemon reported it.
 	passthrough *bool
+	peers       map[string]peerSpec // by name
 }
 
 func (b *bench) ref(link, tag string) string {
@@ -127,6 +134,14 @@ func (b *bench) reset(ctx context.Context) error {
 	if err := b.env.ResetNode(ctx); err != nil {
 		return err
 	}
+	// The new containerd knows nothing of the snapshots the last one made
+	// on a peer; left there, a pull would find them. The peer's own
+	// caches stay: the benchmark cannot reach them.
+	for _, p := range b.peers {
+		if _, err := removePeerSnapshots(ctx, p); err != nil {
+			return err
+		}
+	}
 	b.logOff = fileSize(b.env.LogPaths()[1])
 	return dropCaches()
 }
@@ -137,10 +152,17 @@ func (s sample) breakdown(pulled time.Time, r *ranContainer) {
 	s[mToOut] = r.FirstOut.Sub(r.Started).Seconds()
 }
 
-func (b *bench) rss(s sample) {
+// rss records the daemons' peak RSS after a run on sn. A peer's is its
+// own since it started; lazycas's, idle in a peer's run, is left out there.
+func (b *bench) rss(s sample, sn string) {
 	s[mLoad] = loadAvg()
-	s[mLazyRSS] = peakRSS(b.env.DaemonPID())
 	s[mCtrdRSS] = peakRSS(b.env.ContainerdPID())
+	p, ok := b.peers[sn]
+	if !ok {
+		s[mLazyRSS] = peakRSS(b.env.DaemonPID())
+	} else if rss := peakRSS(socketPID(p.Socket)); rss > 0 {
+		s[mPeerRSS] = rss
+	}
 }
 
 func (b *bench) net(s sample, px *proxy, since proxyCounters) {
@@ -177,7 +199,7 @@ func (b *bench) coldRun(ctx context.Context, link, wl, sn string) (sample, error
 	c0 := px.counters()
 	b.prog.step("pull")
 	t0 := time.Now()
-	img, err := pull(ctx, b.env, sn, ref)
+	img, err := b.pull(ctx, sn, ref)
 	if err != nil {
 		return nil, err
 	}
@@ -191,7 +213,7 @@ func (b *bench) coldRun(ctx context.Context, link, wl, sn string) (sample, error
 	s := sample{mPull: pulled.Sub(t0).Seconds(), mFirst: r.FirstOut.Sub(t0).Seconds(), mDone: r.Exited.Sub(t0).Seconds()}
 	s.breakdown(pulled, r)
 	b.net(s, px, c0)
-	b.rss(s)
+	b.rss(s, sn)
 	if sn == snLazycas {
 		if err := b.lazyFigures(ctx, s); err != nil {
 			return nil, err
@@ -211,7 +233,7 @@ func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) 
 	s := sample{}
 	b.prog.step("pull and run the first image")
 	t0 := time.Now()
-	imgA, err := pull(ctx, b.env, sn, refA)
+	imgA, err := b.pull(ctx, sn, refA)
 	if err != nil {
 		return nil, err
 	}
@@ -228,6 +250,11 @@ func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) 
 		} else if err != nil {
 			return nil, err
 		}
+	} else if b.isPeer(sn) {
+		b.prog.step("wait for the registry link to fall quiet")
+		if err := waitQuiet(ctx, px); err != nil {
+			return nil, err
+		}
 	}
 	if err := dropCaches(); err != nil {
 		return nil, err
@@ -235,7 +262,7 @@ func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) 
 	c0 := px.counters()
 	b.prog.step("pull the second image")
 	t1 := time.Now()
-	imgB, err := pull(ctx, b.env, sn, refB)
+	imgB, err := b.pull(ctx, sn, refB)
 	if err != nil {
 		return nil, err
 	}
@@ -264,8 +291,18 @@ func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) 
 		if err := b.lazyFigures(ctx, s); err != nil {
 			return nil, err
 		}
+	} else if b.isPeer(sn) {
+		b.prog.step("wait for the registry link to fall quiet")
+		if err := waitQuiet(ctx, px); err != nil {
+			return nil, err
+		}
+		s[mBytesAll] = float64(px.counters().sub(c0).Down)
 	}
-	b.rss(s)
+	b.rss(s, sn)
+	// Last: it drops the caches and runs two more containers.
+	if err := b.pageCacheFigures(ctx, sn, s, imgA, imgB); err != nil {
+		return nil, fmt.Errorf("page cache: %w", err)
+	}
 	return s, nil
 }
 
@@ -277,7 +314,7 @@ func (b *bench) warmPhase(ctx context.Context, link, sn string, runs int, c *cel
 	}
 	ref := b.ref(link, tagBig)
 	b.prog.step("pull")
-	img, err := pull(ctx, b.env, sn, ref)
+	img, err := b.pull(ctx, sn, ref)
 	if err != nil {
 		return err
 	}
@@ -294,6 +331,11 @@ func (b *bench) warmPhase(ctx context.Context, link, sn string, runs int, c *cel
 	if sn == snLazycas {
 		b.prog.step("wait for the background fetch")
 		if _, err := waitFetched(ctx, b.env, ref); err != nil && !errors.Is(err, errNoBackground) {
+			return err
+		}
+	} else if b.isPeer(sn) {
+		b.prog.step("wait for the registry link to fall quiet")
+		if err := waitQuiet(ctx, b.proxies[link]); err != nil {
 			return err
 		}
 	}
@@ -330,13 +372,18 @@ func (b *bench) warmPhase(ctx context.Context, link, sn string, runs int, c *cel
 			st.record(cnt, t)
 		}
 		if i == runs-1 {
-			b.rss(s)
+			b.rss(s, sn)
 		}
 		c.add(s)
 		b.prog.logf("  %s %s warm #%d: read %.0f MB/s (hot %.0f), find %.2f s, stat walk %.2f s",
 			link, sn, i+1, s[mWarmRead], s[mHotRead], s[mFind], s[mStatWalk])
 	}
 	return nil
+}
+
+func (b *bench) isPeer(sn string) bool {
+	_, ok := b.peers[sn]
+	return ok
 }
 
 // profileRunOnce runs wl on lazycas with FUSE debug logging and counts
@@ -374,7 +421,7 @@ func (b *bench) profileWalks(ctx context.Context, link string) []profileRun {
 		return fail("walks", err)
 	}
 	ref := b.ref(link, tagPython)
-	img, err := pull(ctx, b.env, snLazycas, ref)
+	img, err := b.pull(ctx, snLazycas, ref)
 	if err != nil {
 		return fail("walks", err)
 	}

@@ -44,7 +44,7 @@ var workloadDesc = map[string]string{
 	wlPrint:  "python3 -c 'print(1)'",
 	wlImport: "python3 importing 100+ stdlib modules",
 	wlRead:   "read every file of the rootfs (python os.scandir + read)",
-	wlSecond: "python:app-zstd (zstd:chunked: the same base files in other blobs, plus an app layer of 100 modules and 16 MiB of data) after python:estargz ran and is local; the app imports its modules and lists its data",
+	wlSecond: "python:app-zstd (zstd:chunked: the same base files in other blobs, plus an app layer of 100 modules and 16 MiB of data) after python:estargz ran and is local; the app imports its modules and lists its data; then, page cache dropped, a container of each image reads /usr/bin/python3.11 and the page cache of every copy of it is measured",
 	wlWarm:   "image local: sequential read of a 128 MiB file (page cache dropped, then hot), find / -xdev, stat of every entry",
 }
 
@@ -271,12 +271,17 @@ func (r *ranContainer) result() (count, secs float64, err error) {
 }
 
 // pull pulls ref into sn the way its users do: lazycas with the labels CRI
-// and nerdctl send, overlayfs as containerd's client does.
-func pull(ctx context.Context, env *testenv.Env, sn, ref string) (client.Image, error) {
-	if sn == snLazycas {
-		return env.Pull(ctx, ref, testenv.WithSnapshotLabels(ref))
+// and nerdctl send, overlayfs as containerd's client does, a peer with the
+// labels its -peer flag names.
+func (b *bench) pull(ctx context.Context, sn, ref string) (client.Image, error) {
+	labels := sn == snLazycas
+	if p, ok := b.peers[sn]; ok {
+		labels = p.Labels == labelsCRI
 	}
-	return env.PullOn(ctx, sn, ref)
+	if labels {
+		return b.env.PullOn(ctx, sn, ref, testenv.WithSnapshotLabels(ref))
+	}
+	return b.env.PullOn(ctx, sn, ref)
 }
 
 // dropCaches writes dirty pages back and drops the page, dentry and inode
