@@ -119,7 +119,7 @@ type mounted struct {
 	wg     sync.WaitGroup  // background completions of large files, readahead
 
 	winMu     sync.Mutex
-	windows   []*prefetched // recent readahead windows, newest last
+	windows   []*window // recent readahead and group windows, newest last
 	spansOnce sync.Once
 	fileSpans []fileSpan         // regular files in blob order, for readahead
 	cancel    context.CancelFunc // stops prefetch
@@ -639,20 +639,30 @@ func (b background) ReadRanges(ctx context.Context, ranges []layer.Range) error 
 	// No yield here: this may run inside a single-flight fetch that a
 	// reader waits for. Background work yields before it claims a file
 	// or a piece (fetchGroup, ensure).
-	if b.fs.limiter != nil {
-		var n int
-		for _, r := range ranges {
-			n += len(r.Buf)
-		}
-		for n > 0 {
-			take := min(n, limiterBurst)
-			if err := b.fs.limiter.WaitN(ctx, take); err != nil {
-				return err
-			}
-			n -= take
-		}
+	var n int
+	for _, r := range ranges {
+		n += len(r.Buf)
+	}
+	if err := b.fs.limit(ctx, n); err != nil {
+		return err
 	}
 	return b.next.ReadRanges(ctx, ranges)
+}
+
+// limit waits until the bandwidth cap allows n more bytes of background
+// fetch.
+func (f *FileSystem) limit(ctx context.Context, n int) error {
+	if f.limiter == nil {
+		return nil
+	}
+	for n > 0 {
+		take := min(n, limiterBurst)
+		if err := f.limiter.WaitN(ctx, take); err != nil {
+			return err
+		}
+		n -= take
+	}
+	return nil
 }
 
 // yield waits, boundedly, while readers are fetching: during a
@@ -689,11 +699,46 @@ func (f *FileSystem) foreground() func() {
 	}
 }
 
-// prefetched serves ranges from one buffer fetched for a group of files,
-// and anything else from next.
+// window is a span of the blob fetched, or being fetched, for a group of
+// files: a reader missing a file inside it waits for these bytes instead of
+// fetching them again.
+type window struct {
+	off   int64
+	buf   []byte
+	ready chan struct{} // closed once buf is filled, or err set
+	err   error
+}
+
+func newWindow(off, n int64) *window {
+	return &window{off: off, buf: make([]byte, n), ready: make(chan struct{})}
+}
+
+// fill reads the window's bytes through r and publishes them.
+func (w *window) fill(ctx context.Context, r layer.RangeReader) error {
+	w.err = r.ReadRanges(ctx, []layer.Range{{Off: w.off, Buf: w.buf}})
+	close(w.ready)
+	return w.err
+}
+
+// wait waits until the window is filled and reports whether it holds the
+// blob's bytes (false if its fetch failed).
+func (w *window) wait(ctx context.Context) (bool, error) {
+	select {
+	case <-w.ready:
+		return w.err == nil, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+func (w *window) covers(off, end int64) bool {
+	return off >= w.off && end <= w.off+int64(len(w.buf))
+}
+
+// prefetched serves ranges from a window where it holds them, and anything
+// else from next.
 type prefetched struct {
-	off  int64
-	buf  []byte
+	win  *window // nil: nothing prefetched
 	next layer.RangeReader
 	// reader marks bytes fetched for a reader (readahead, start-up
 	// files): filling from them never yields to readers.
@@ -701,13 +746,22 @@ type prefetched struct {
 }
 
 func (p *prefetched) ReadRanges(ctx context.Context, ranges []layer.Range) error {
-	var rest []layer.Range
-	for _, r := range ranges {
-		if r.Off >= p.off && r.Off+int64(len(r.Buf)) <= p.off+int64(len(p.buf)) {
-			copy(r.Buf, p.buf[r.Off-p.off:])
-			continue
+	rest := ranges
+	if p.win != nil {
+		ok, err := p.win.wait(ctx)
+		if err != nil {
+			return err
 		}
-		rest = append(rest, r)
+		if ok {
+			rest = nil
+			for _, r := range ranges {
+				if p.win.covers(r.Off, r.Off+int64(len(r.Buf))) {
+					copy(r.Buf, p.win.buf[r.Off-p.win.off:])
+					continue
+				}
+				rest = append(rest, r)
+			}
+		}
 	}
 	if len(rest) == 0 {
 		return nil

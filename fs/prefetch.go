@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -106,7 +107,7 @@ func (m *mounted) fetchAll(ctx context.Context, prefetchList bool) (files int, b
 		go func() {
 			defer wg.Done()
 			for g := range groups {
-				n, b, err := m.fetchGroup(ctx, g)
+				n, b, err := m.fetchGroup(ctx, g, false)
 				mu.Lock()
 				files += n
 				bytes += b
@@ -117,36 +118,20 @@ func (m *mounted) fetchAll(ctx context.Context, prefetchList bool) (files int, b
 			}
 		}()
 	}
-	var group []*metadata.Node
-	flush := func() bool {
-		if len(group) == 0 {
-			return true
-		}
-		select {
-		case groups <- group:
-			group = nil
-			return true
-		case <-ctx.Done():
-			return false
-		}
-	}
+	var todo []*metadata.Node
 	for _, n := range order {
-		if m.fs.store.Has(digest.Digest(n.Digest)) {
-			continue
+		if !m.fs.store.Has(digest.Digest(n.Digest)) {
+			todo = append(todo, n)
 		}
-		if len(group) > 0 {
-			first, last := group[0], group[len(group)-1]
-			start, end := first.Chunks[0].Offset, last.Chunks[len(last.Chunks)-1].End
-			nStart, nEnd := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
-			if nStart < end || nStart-end > groupGap || nEnd-start > groupSpan {
-				if !flush() {
-					break
-				}
-			}
-		}
-		group = append(group, n)
 	}
-	flush()
+feed:
+	for _, g := range groupNodes(todo) {
+		select {
+		case groups <- g:
+		case <-ctx.Done():
+			break feed
+		}
+	}
 	close(groups)
 	wg.Wait()
 	if ctx.Err() != nil {
@@ -155,27 +140,74 @@ func (m *mounted) fetchAll(ctx context.Context, prefetchList bool) (files int, b
 	return files, bytes, errors.Join(errs...)
 }
 
+// groupNodes splits files, in blob order, into groups fetched with one
+// range request each: adjacent files, no hole over groupGap, no group over
+// groupSpan (a file bigger than that is a group of its own).
+func groupNodes(files []*metadata.Node) [][]*metadata.Node {
+	var groups [][]*metadata.Node
+	for _, n := range files {
+		if k := len(groups); k > 0 {
+			g := groups[k-1]
+			start, end := g[0].Chunks[0].Offset, g[len(g)-1].Chunks[len(g[len(g)-1].Chunks)-1].End
+			nStart, nEnd := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
+			if nStart >= end && nStart-end <= groupGap && nEnd-start <= groupSpan {
+				groups[k-1] = append(g, n)
+				continue
+			}
+		}
+		groups = append(groups, []*metadata.Node{n})
+	}
+	return groups
+}
+
 // fetchGroup fetches files adjacent in the blob with one range read, then
-// seals each into the store.
-func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node) (files int, bytes int64, err error) {
+// seals each into the store. For a reader (start-up files) the read counts
+// as a reader's; otherwise it is background work: it waits for readers and
+// keeps to the bandwidth cap.
+func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader bool) (files int, bytes int64, err error) {
+	// A reader may have brought some since the group was formed.
+	g = slices.DeleteFunc(slices.Clone(g), func(n *metadata.Node) bool { return m.fs.store.Has(digest.Digest(n.Digest)) })
+	if len(g) == 0 {
+		return 0, 0, nil
+	}
 	var pre *prefetched
 	first, last := g[0], g[len(g)-1]
 	start, end := first.Chunks[0].Offset, last.Chunks[len(last.Chunks)-1].End
-	if len(g) > 1 && end-start <= groupSpan {
+	switch {
+	case len(g) > 1 && end-start <= groupSpan || reader:
 		b, err := m.remoteBlob(ctx)
 		if err != nil {
 			return 0, 0, err
 		}
-		if err := m.fs.yield(ctx); err != nil {
+		var r layer.RangeReader = blobRanges{b}
+		if !reader {
+			if err := m.fs.yield(ctx); err != nil {
+				return 0, 0, err
+			}
+			if err := m.fs.limit(ctx, int(end-start)); err != nil {
+				return 0, 0, err
+			}
+		}
+		// Shown to readers only now, past the waits above: a reader
+		// missing one of these files waits for this read, not for
+		// readers to be done.
+		w := m.addWindow(newWindow(start, end-start))
+		var done func()
+		if reader {
+			done = m.fs.foreground()
+		}
+		err = w.fill(ctx, r)
+		if done != nil {
+			done()
+		}
+		if err != nil {
 			return 0, 0, err
 		}
-		buf := make([]byte, end-start)
-		r := background{fs: m.fs, next: blobRanges{b}}
-		if err := r.ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
-			return 0, 0, err
+		pre = &prefetched{win: w}
+		if reader {
+			pre.next, pre.reader = r, true
 		}
-		pre = &prefetched{off: start, buf: buf}
-	} else {
+	default:
 		pre = &prefetched{} // covers nothing: every read goes to the blob
 	}
 	var errs []error
@@ -187,8 +219,10 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node) (files int
 			continue
 		}
 		// Sealing costs CPU too: readers first, file by file.
-		if err := m.fs.yield(ctx); err != nil {
-			return files, bytes, err
+		if !reader {
+			if err := m.fs.yield(ctx); err != nil {
+				return files, bytes, err
+			}
 		}
 		if err := m.ensure(ctx, n, pre); err != nil {
 			errs = append(errs, err)

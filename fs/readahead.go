@@ -7,7 +7,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
-	"github.com/lazycas/lazycas/fs/layer"
 	"github.com/lazycas/lazycas/metadata"
 )
 
@@ -68,13 +67,20 @@ func sortSpans(spans []fileSpan) []fileSpan {
 // are sealed in the background.
 func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	start, end := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
+	fileEnd := end
+	b, err := m.remoteBlob(ctx)
+	if err != nil {
+		return err
+	}
+	next := blobRanges{b}
+	// A window fetched or being fetched for an earlier miss, a group of
+	// background fetch or the start-up files may hold this file: read it
+	// from there, not again.
+	if w := m.window(start, end); w != nil {
+		return m.ensure(ctx, n, &prefetched{win: w, next: next, reader: true})
+	}
 	if end-start >= readaheadSpan {
 		return m.ensure(ctx, n, nil)
-	}
-	// A window fetched for an earlier miss may hold this file while its
-	// files are still being sealed: read it from there, not again.
-	if w := m.window(start, end); w != nil {
-		return m.ensure(ctx, n, w)
 	}
 	spans := m.spans()
 	i := sort.Search(len(spans), func(i int) bool { return spans[i].off > start })
@@ -90,16 +96,15 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	if len(more) == 0 {
 		return m.ensure(ctx, n, nil)
 	}
-	b, err := m.remoteBlob(ctx)
-	if err != nil {
+	w, fresh := m.claimWindow(start, fileEnd, end)
+	pre := &prefetched{win: w, next: next, reader: true}
+	if !fresh {
+		// Another miss claimed a window holding this file meanwhile.
+		return m.ensure(ctx, n, pre)
+	}
+	if err := w.fill(ctx, next); err != nil {
 		return err
 	}
-	buf := make([]byte, end-start)
-	if err := (blobRanges{b}).ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}}); err != nil {
-		return err
-	}
-	pre := &prefetched{off: start, buf: buf, next: blobRanges{b}, reader: true}
-	m.addWindow(pre)
 	if err := m.ensure(ctx, n, pre); err != nil {
 		return err
 	}
@@ -122,29 +127,48 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	return nil
 }
 
-// maxWindows bounds the readahead windows kept in memory per layer.
+// maxWindows bounds the readahead and group windows kept in memory per
+// layer.
 const maxWindows = 8
 
-// window returns a recent readahead window holding [start, end).
-func (m *mounted) window(start, end int64) *prefetched {
+// window returns a recent window holding, or fetching, [start, end).
+func (m *mounted) window(start, end int64) *window {
 	m.winMu.Lock()
 	defer m.winMu.Unlock()
 	for i := len(m.windows) - 1; i >= 0; i-- {
-		w := m.windows[i]
-		if start >= w.off && end <= w.off+int64(len(w.buf)) {
+		if w := m.windows[i]; w.covers(start, end) {
 			return w
 		}
 	}
 	return nil
 }
 
-// addWindow remembers a readahead window, forgetting the oldest beyond
-// maxWindows: their files are sealed by then, or fetched again if not.
-func (m *mounted) addWindow(w *prefetched) {
+// claimWindow returns a window holding or fetching [start, fileEnd), or
+// else a new one over [start, end) for the caller to fill (fresh).
+func (m *mounted) claimWindow(start, fileEnd, end int64) (w *window, fresh bool) {
 	m.winMu.Lock()
 	defer m.winMu.Unlock()
+	for i := len(m.windows) - 1; i >= 0; i-- {
+		if w := m.windows[i]; w.covers(start, fileEnd) {
+			return w, false
+		}
+	}
+	return m.addWindowLocked(newWindow(start, end-start)), true
+}
+
+// addWindow remembers a window and returns it, forgetting the oldest
+// beyond maxWindows: their files are sealed by then, or fetched again if
+// not.
+func (m *mounted) addWindow(w *window) *window {
+	m.winMu.Lock()
+	defer m.winMu.Unlock()
+	return m.addWindowLocked(w)
+}
+
+func (m *mounted) addWindowLocked(w *window) *window {
 	m.windows = append(m.windows, w)
 	if len(m.windows) > maxWindows {
 		m.windows = append(m.windows[:0:0], m.windows[len(m.windows)-maxWindows:]...)
 	}
+	return w
 }

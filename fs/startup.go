@@ -15,7 +15,6 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/lazycas/lazycas/fs/layer"
 	"github.com/lazycas/lazycas/metadata"
 )
 
@@ -32,8 +31,6 @@ const (
 	maxStartupFile    = 64 << 20 // a bigger file is left to piecewise reads
 	maxStartupDepth   = 4        // levels of shared libraries followed
 	startupTimeout    = time.Minute
-	startupGroupGap   = 64 << 10
-	startupGroupSpan  = 1 << 20
 	defaultPATH       = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 	maxSymlinkHops    = 40
 	maxStartupLocales = 64 // files of one locale directory
@@ -480,34 +477,26 @@ func (p *startupSet) fetch(ctx context.Context, files []startupFile) {
 		}()
 		return true
 	})
-	sort.Slice(todo, func(i, j int) bool {
-		if todo[i].m != todo[j].m {
-			return todo[i].m.key < todo[j].m.key
-		}
-		return todo[i].n.Chunks[0].Offset < todo[j].n.Chunks[0].Offset
-	})
-	var groups [][]startupFile
+	byLayer := map[*mounted][]*metadata.Node{}
 	for _, sf := range todo {
-		if k := len(groups); k > 0 {
-			g := groups[k-1]
-			first, last := g[0].n, g[len(g)-1].n
-			off, end := sf.n.Chunks[0].Offset, sf.n.Chunks[len(sf.n.Chunks)-1].End
-			if g[0].m == sf.m && off >= last.Chunks[len(last.Chunks)-1].End &&
-				off-last.Chunks[len(last.Chunks)-1].End <= startupGroupGap && end-first.Chunks[0].Offset <= startupGroupSpan {
-				groups[k-1] = append(g, sf)
-				continue
-			}
-		}
-		groups = append(groups, []startupFile{sf})
+		byLayer[sf.m] = append(byLayer[sf.m], sf.n)
 	}
-	for _, g := range groups {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := p.fetchGroup(ctx, g); err != nil && !errors.Is(err, context.Canceled) {
-				log.G(ctx).WithError(err).WithField("layer", g[0].m.meta.Info.Digest).Debug("start-up fetch")
-			}
-		}()
+	for m, nodes := range byLayer {
+		sort.Slice(nodes, func(i, j int) bool { return nodes[i].Chunks[0].Offset < nodes[j].Chunks[0].Offset })
+		for _, g := range groupNodes(nodes) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				files, bytes, err := m.fetchGroup(ctx, g, true)
+				p.mu.Lock()
+				p.files += files
+				p.bytes += bytes
+				p.mu.Unlock()
+				if err != nil && !errors.Is(err, context.Canceled) {
+					log.G(ctx).WithError(err).WithField("layer", m.meta.Info.Digest).Debug("start-up fetch")
+				}
+			}()
+		}
 	}
 	wg.Wait()
 }
@@ -545,35 +534,4 @@ func (p *startupSet) fetchLarge(ctx context.Context, sf startupFile) error {
 	p.bytes += sf.n.Size
 	p.mu.Unlock()
 	return nil
-}
-
-// fetchGroup reads a group's bytes in one range read and seals its files.
-func (p *startupSet) fetchGroup(ctx context.Context, g []startupFile) error {
-	m := g[0].m
-	b, err := m.remoteBlob(ctx)
-	if err != nil {
-		return err
-	}
-	last := g[len(g)-1].n
-	start, end := g[0].n.Chunks[0].Offset, last.Chunks[len(last.Chunks)-1].End
-	buf := make([]byte, end-start)
-	done := p.fs.foreground()
-	err = (blobRanges{b}).ReadRanges(ctx, []layer.Range{{Off: start, Buf: buf}})
-	done()
-	if err != nil {
-		return err
-	}
-	pre := &prefetched{off: start, buf: buf, next: blobRanges{b}, reader: true}
-	var errs []error
-	for _, sf := range g {
-		if err := m.ensure(ctx, sf.n, pre); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		p.mu.Lock()
-		p.files++
-		p.bytes += sf.n.Size
-		p.mu.Unlock()
-	}
-	return errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -118,15 +119,13 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, labels map[
 	}
 }
 
-// repoOf is ref without its tag or digest.
+// repoOf is ref without its tag or digest ("" if ref does not parse).
 func repoOf(ref string) string {
-	if i := strings.Index(ref, "@"); i >= 0 {
-		ref = ref[:i]
+	spec, err := reference.Parse(ref)
+	if err != nil {
+		return ""
 	}
-	if i := strings.LastIndex(ref, ":"); i > strings.LastIndex(ref, "/") {
-		ref = ref[:i]
-	}
-	return ref
+	return spec.Locator
 }
 
 // tailReader reads a blob, from its tail in memory where that holds the bytes.

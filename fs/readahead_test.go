@@ -1,0 +1,47 @@
+package fs
+
+import (
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lazycas/lazycas/fs/internal/testlayer"
+	"github.com/lazycas/lazycas/fs/layer"
+	"github.com/lazycas/lazycas/fs/remote"
+)
+
+// TestMissesInsideAFetchInFlightWaitForIt reads, on a slow registry, many
+// neighbouring small files at once: the first miss fetches a window of
+// files after it, and the misses of files inside that window, arriving
+// while it is still in flight, wait for it instead of fetching their own.
+func TestMissesInsideAFetchInFlightWaitForIt(t *testing.T) {
+	e := newEnv(t, Options{}, remote.Options{})
+	entries := []testlayer.Entry{testlayer.Dir("d", 0o755)}
+	for i := range 16 {
+		entries = append(entries, testlayer.File(fmt.Sprintf("d/f%02d", i), []byte(fmt.Sprintf("file %d %0800d", i, i)), 0o644))
+	}
+	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
+	mp := e.mount("small", blob)
+	before := e.reg.Counts(blob.Digest).Ranges
+	e.reg.DelayRanges(300 * time.Millisecond)
+
+	var wg sync.WaitGroup
+	for i, en := range entries[1:] {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// The first read leads; the others arrive while its window
+			// is in flight.
+			if i > 0 {
+				time.Sleep(50 * time.Millisecond)
+			}
+			mustRead(t, filepath.Join(mp, en.Hdr.Name), en.Data)
+		}()
+	}
+	wg.Wait()
+	if got := e.reg.Counts(blob.Digest).Ranges - before; got != 1 {
+		t.Errorf("%d range requests for 16 neighbouring files read at once, want 1", got)
+	}
+}
