@@ -11,14 +11,8 @@ import (
 	"github.com/lazycas/lazycas/integration/testenv"
 )
 
-// sharedFile is the file the page-cache check reads in both images: the
-// interpreter, 6.8 MB, the largest file of the test image (Debian's python3
-// has no large libpython). It is in the second layer of each image.
-const sharedFile = "usr/bin/python3.11"
-
-// readSharedFile reads sharedFile whole in the container.
-const readSharedFile = `n = len(open("/` + sharedFile + `", "rb").read())
-print("read", n)`
+// sharedFile is the file the page-cache check reads in both images.
+const sharedFile = testenv.SharedFile
 
 // Thresholds of the page-cache check. The object must be nearly all
 // cached right after a read (a page or two may be reclaimed on a busy
@@ -90,7 +84,7 @@ func checkSharedPageCache(ctx context.Context, t *testing.T, env *testenv.Env, i
 			evict(obj)
 		}
 		cached0, _ := testenv.MeminfoCached()
-		if out := runPython(ctx, t, env, img, readSharedFile); out != "read "+strconv.FormatInt(fi.Size(), 10)+"\n" {
+		if out := runPython(ctx, t, env, img, testenv.ReadSharedFile); out != "read "+strconv.FormatInt(fi.Size(), 10)+"\n" {
 			t.Fatalf("image %d: reading %s printed %q", i+1, sharedFile, out)
 		}
 		cached1, _ := testenv.MeminfoCached()

@@ -28,6 +28,15 @@ import (
 // reads the page cache of the opened inode itself, which for a FUSE file
 // is the FUSE inode's own cache: what a layer holds besides the object.
 
+// SharedFile is the file of the test image that the page-cache figures
+// read in two images: the interpreter, 6.8 MB, the largest file (Debian's
+// python3 has no large libpython), in the python layer of each image.
+const SharedFile = "usr/bin/python3.11"
+
+// ReadSharedFile is a python script reading SharedFile whole.
+const ReadSharedFile = `n = len(open("/` + SharedFile + `", "rb").read())
+print("read", n)`
+
 // Residency is how much of one file is in the page cache.
 type Residency struct {
 	Path string
@@ -50,25 +59,34 @@ func (r Residency) String() string {
 	return fmt.Sprintf("%d of %d pages (%.0f%%)", r.Cached, r.Pages, 100*r.Fraction())
 }
 
+// openPages opens path and sizes it in pages; the caller closes f.
+func openPages(path string) (f *os.File, size int64, r Residency, err error) {
+	r = Residency{Path: path}
+	if f, err = os.Open(path); err != nil {
+		return nil, 0, r, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, r, err
+	}
+	ps := int64(os.Getpagesize())
+	r.Pages = (fi.Size() + ps - 1) / ps
+	return f, fi.Size(), r, nil
+}
+
 // Mincore maps path read-only and counts its pages in memory (mincore(2)).
 // As root every cached page counts, not only those this process touched.
 func Mincore(path string) (Residency, error) {
-	r := Residency{Path: path}
-	f, err := os.Open(path)
+	f, size, r, err := openPages(path)
 	if err != nil {
 		return r, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return r, err
-	}
-	ps := int64(os.Getpagesize())
-	r.Pages = (fi.Size() + ps - 1) / ps
-	if fi.Size() == 0 {
+	if size == 0 {
 		return r, nil
 	}
-	data, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	data, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		return r, fmt.Errorf("mmap %s: %w", path, err)
 	}
@@ -88,18 +106,11 @@ func Mincore(path string) (Residency, error) {
 // InodeCache counts the pages cached in path's own inode (cachestat(2),
 // Linux 6.5+), without mapping it.
 func InodeCache(path string) (Residency, error) {
-	r := Residency{Path: path}
-	f, err := os.Open(path)
+	f, _, r, err := openPages(path)
 	if err != nil {
 		return r, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return r, err
-	}
-	ps := int64(os.Getpagesize())
-	r.Pages = (fi.Size() + ps - 1) / ps
 	var st unix.Cachestat_t
 	// Len 0 means to the end of the file.
 	if err := unix.Cachestat(uint(f.Fd()), &unix.CachestatRange{}, &st, 0); err != nil {

@@ -18,10 +18,7 @@ import (
 
 // sharedFile is the python interpreter (6.8 MB), in the base layers of
 // python:estargz and python:app-zstd alike.
-const sharedFile = "usr/bin/python3.11"
-
-const readSharedScript = `n = len(open("/` + sharedFile + `", "rb").read())
-print("read", n)`
+const sharedFile = testenv.SharedFile
 
 // pageCacheFigures drops the page cache, reads sharedFile in a container
 // of each of imgs, and records the bytes of the file's pages then cached
@@ -67,7 +64,7 @@ func (b *bench) pageCacheFigures(ctx context.Context, sn string, s sample, imgs 
 		return err
 	}
 	for _, img := range imgs {
-		if _, err := runContainer(ctx, b.env, sn, img, "read ", "python3", "-c", readSharedScript); err != nil {
+		if _, err := runContainer(ctx, b.env, sn, img, "read ", "python3", "-c", testenv.ReadSharedFile); err != nil {
 			return fmt.Errorf("read %s: %w", sharedFile, err)
 		}
 	}
