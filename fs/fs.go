@@ -118,6 +118,7 @@ type mounted struct {
 	bg     context.Context // background fetches; done when unmounted
 	wg     sync.WaitGroup  // background completions of large files, readahead
 
+	lastMiss  atomic.Int64 // blob offset of the last file readahead fetched for
 	winMu     sync.Mutex
 	windows   []*window // recent readahead and group windows, newest last
 	spansOnce sync.Once

@@ -62,12 +62,12 @@ func sortSpans(spans []fileSpan) []fileSpan {
 	return spans
 }
 
-// fetchAround fills the store with n, fetching the files that follow it
-// in the blob in the same request; n is sealed when it returns, the others
-// are sealed in the background.
+// fetchAround fills the store with n, fetching the files next to it in
+// the blob in the same request (those after it, or before it when reads go
+// backwards); n is sealed when it returns, the others in the background.
 func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	start, end := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
-	fileEnd := end
+	fileStart, fileEnd := start, end
 	b, err := m.remoteBlob(ctx)
 	if err != nil {
 		return err
@@ -82,21 +82,38 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	if end-start >= readaheadSpan {
 		return m.ensure(ctx, n, nil)
 	}
+	// Programs read a directory's files in either order (a walk popping
+	// a stack reads them backwards): a miss just before the previous one
+	// fetches the files before it, else those after it.
+	prev := m.lastMiss.Swap(start)
+	backward := prev > start && prev-start <= 2*readaheadSpan
 	spans := m.spans()
-	i := sort.Search(len(spans), func(i int) bool { return spans[i].off > start })
 	var more []uint64
-	for ; i < len(spans); i++ {
-		sp := spans[i]
-		if sp.end-start > readaheadSpan || sp.off-end > groupGap || sp.off < end {
-			break
+	if backward {
+		i := sort.Search(len(spans), func(i int) bool { return spans[i].off >= start })
+		for i--; i >= 0; i-- {
+			sp := spans[i]
+			if fileEnd-sp.off > readaheadSpan || start-sp.end > groupGap || sp.end > start {
+				break
+			}
+			more = append(more, sp.id)
+			start = sp.off
 		}
-		more = append(more, sp.id)
-		end = sp.end
+	} else {
+		i := sort.Search(len(spans), func(i int) bool { return spans[i].off > start })
+		for ; i < len(spans); i++ {
+			sp := spans[i]
+			if sp.end-start > readaheadSpan || sp.off-end > groupGap || sp.off < end {
+				break
+			}
+			more = append(more, sp.id)
+			end = sp.end
+		}
 	}
 	if len(more) == 0 {
 		return m.ensure(ctx, n, nil)
 	}
-	w, fresh := m.claimWindow(start, fileEnd, end)
+	w, fresh := m.claimWindow(fileStart, fileEnd, start, end)
 	pre := &prefetched{win: w, next: next, reader: true}
 	if !fresh {
 		// Another miss claimed a window holding this file meanwhile.
@@ -143,13 +160,13 @@ func (m *mounted) window(start, end int64) *window {
 	return nil
 }
 
-// claimWindow returns a window holding or fetching [start, fileEnd), or
-// else a new one over [start, end) for the caller to fill (fresh).
-func (m *mounted) claimWindow(start, fileEnd, end int64) (w *window, fresh bool) {
+// claimWindow returns a window holding or fetching [fileStart, fileEnd),
+// or else a new one over [start, end) for the caller to fill (fresh).
+func (m *mounted) claimWindow(fileStart, fileEnd, start, end int64) (w *window, fresh bool) {
 	m.winMu.Lock()
 	defer m.winMu.Unlock()
 	for i := len(m.windows) - 1; i >= 0; i-- {
-		if w := m.windows[i]; w.covers(start, fileEnd) {
+		if w := m.windows[i]; w.covers(fileStart, fileEnd) {
 			return w, false
 		}
 	}

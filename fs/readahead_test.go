@@ -45,3 +45,24 @@ func TestMissesInsideAFetchInFlightWaitForIt(t *testing.T) {
 		t.Errorf("%d range requests for 16 neighbouring files read at once, want 1", got)
 	}
 }
+
+// TestReadaheadFollowsBackwardReads reads neighbouring small files one
+// after the other from the last to the first, as a walk that pops a stack
+// does: after the first two misses, the window holds the files before
+// them, so the rest are read without a request.
+func TestReadaheadFollowsBackwardReads(t *testing.T) {
+	e := newEnv(t, Options{}, remote.Options{})
+	entries := []testlayer.Entry{testlayer.Dir("d", 0o755)}
+	for i := range 16 {
+		entries = append(entries, testlayer.File(fmt.Sprintf("d/f%02d", i), []byte(fmt.Sprintf("file %d %0800d", i, i)), 0o644))
+	}
+	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
+	mp := e.mount("small", blob)
+	before := e.reg.Counts(blob.Digest).Ranges
+	for i := len(entries) - 1; i >= 1; i-- {
+		mustRead(t, filepath.Join(mp, entries[i].Hdr.Name), entries[i].Data)
+	}
+	if got := e.reg.Counts(blob.Digest).Ranges - before; got != 2 {
+		t.Errorf("%d range requests for 16 neighbouring files read backwards, want 2", got)
+	}
+}
