@@ -21,6 +21,13 @@ import (
 // files. A bigger TOC costs one more request for the rest.
 const tailSize = 512 << 10
 
+// aheadTailSize is the first request of a tail read ahead: the TOC of a
+// small layer, or the footer that tells where a bigger TOC starts, which a
+// second request then completes; both before containerd asks for the
+// layer. Smaller than tailSize because an image's layers are read ahead
+// all at once, sharing the link, and most are small.
+const aheadTailSize = 64 << 10
+
 // Read-ahead tails of the layers an image will prepare next are kept this
 // long and this many at most; a pull prepares them within seconds.
 const (
@@ -111,12 +118,31 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, labels map[
 			// layer's Prepare comes.
 			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 			defer cancel()
-			t.blob, t.buf, t.err = f.fetcher.OpenTail(tctx, ref, ocispec.Descriptor{Digest: d}, tailSize)
+			t.blob, t.buf, t.err = readWholeTOC(tctx, f.fetcher, ref, d)
 			if t.err != nil {
 				log.G(ctx).WithError(t.err).WithField("layer", d).Debug("read ahead a layer's tail")
 			}
 		}()
 	}
+}
+
+// readWholeTOC reads a layer's tail from where its footer says the TOC
+// starts: aheadTailSize first, then what is missing.
+func readWholeTOC(ctx context.Context, fetcher *remote.Fetcher, ref string, d digest.Digest) (*remote.Blob, []byte, error) {
+	b, buf, err := fetcher.OpenTail(ctx, ref, ocispec.Descriptor{Digest: d}, aheadTailSize)
+	if err != nil {
+		return nil, nil, err
+	}
+	have := b.Size() - int64(len(buf))
+	off, ok := layer.TOCOffset(buf, b.Size())
+	if !ok || off >= have || have-off > tailSize<<4 {
+		return b, buf, nil // not lazy, all there, or left to the mount
+	}
+	head := make([]byte, have-off, b.Size()-off)
+	if err := b.ReadRanges(ctx, []remote.Range{{Off: off, Buf: head}}); err != nil {
+		return nil, nil, err
+	}
+	return b, append(head, buf...), nil
 }
 
 // repoOf is ref without its tag or digest ("" if ref does not parse).

@@ -1,9 +1,13 @@
 package fs
 
 import (
+	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/lazycas/lazycas/fs/internal/testlayer"
 	"github.com/lazycas/lazycas/fs/layer"
@@ -51,4 +55,44 @@ func TestImageLayersShareTheirTOCRoundTrip(t *testing.T) {
 			t.Errorf("layer %d: %+v, want 2 range requests (tail, file)", i, c)
 		}
 	}
+}
+
+// TestReadAheadCompletesALargeTOC reads ahead a layer whose TOC is larger
+// than the first request of a tail read ahead: a second request completes
+// it, and the layer's mount then asks the registry nothing.
+func TestReadAheadCompletesALargeTOC(t *testing.T) {
+	e := newEnv(t, Options{}, remote.Options{})
+	small := testlayer.Build(t, testlayer.Tar(t, []testlayer.Entry{testlayer.File("a", []byte("a"), 0o644)}),
+		layer.FormatEStargz, testlayer.BuildOptions{})
+	var many []testlayer.Entry
+	for i := range 4000 {
+		many = append(many, testlayer.File(fmt.Sprintf("file-%x-%d", digest.FromString(fmt.Sprint(i)).Encoded()[:24], i),
+			[]byte(fmt.Sprint(i)), 0o644))
+	}
+	big := testlayer.Build(t, testlayer.Tar(t, many), layer.FormatEStargz, testlayer.BuildOptions{})
+	toc, ok := layer.TOCOffset(big.Data, int64(len(big.Data)))
+	if !ok || int64(len(big.Data))-toc <= aheadTailSize {
+		t.Fatalf("the big layer's TOC (at %d of %d bytes) fits the first read ahead", toc, len(big.Data))
+	}
+	e.reg.Push(t, small)
+	e.reg.Push(t, big)
+	layers := small.Digest.String() + "," + big.Digest.String()
+	labels := e.reg.Labels(small)
+	labels[snapshot.LabelImageLayers] = layers
+	if err := e.fs.Mount(e.ctx, "small", e.mountpoint("small"), labels); err != nil {
+		t.Fatal(err)
+	}
+	if !testlayer.Eventually(e.ctx, 10*time.Second, func() bool { return e.reg.Counts(big.Digest).Ranges == 2 }) {
+		t.Fatalf("big layer read ahead: %+v, want 2 range requests", e.reg.Counts(big.Digest))
+	}
+	labels = e.reg.Labels(big)
+	labels[snapshot.LabelImageLayers] = big.Digest.String()
+	mp := e.mountpoint("big")
+	if err := e.fs.Mount(e.ctx, "big", mp, labels); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.reg.Counts(big.Digest); c.Requests != 2 {
+		t.Errorf("mounting the big layer after its read ahead: %+v, want no more requests", c)
+	}
+	mustRead(t, filepath.Join(mp, many[1234].Hdr.Name), many[1234].Data)
 }

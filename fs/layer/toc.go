@@ -177,6 +177,25 @@ func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, err
 	return nil, fmt.Errorf("%w: %s", ErrNotLazy, strings.Join(msgs, "; "))
 }
 
+// TOCOffset returns where the TOC of a blob of the given size starts, from
+// tail, the blob's last bytes, if they hold a footer of a known format.
+// Nothing is verified: it only tells how much of the blob's end a mount
+// will read (ReadTOC checks everything).
+func TOCOffset(tail []byte, size int64) (int64, bool) {
+	for _, f := range []Format{FormatEStargz, FormatZstdChunked} {
+		d, _ := decompressorOf(f)
+		fs := d.FooterSize()
+		if int64(len(tail)) < fs || size < fs {
+			continue
+		}
+		_, off, _, err := d.ParseFooter(tail[int64(len(tail))-fs:])
+		if err == nil && off > 0 && off <= size-fs {
+			return off, true
+		}
+	}
+	return 0, false
+}
+
 // readAt fills p from offset off of r. An io.ReaderAt may return io.EOF
 // with a full read that ends at the end of its data.
 func readAt(r io.ReaderAt, p []byte, off int64) error {
