@@ -4,6 +4,8 @@ import (
 	"context"
 	"debug/elf"
 	"errors"
+	"fmt"
+	"io"
 	"path"
 	"slices"
 	"sort"
@@ -165,6 +167,8 @@ type startupSet struct {
 	stack   stack
 	triplet string // multiarch directory, e.g. x86_64-linux-gnu
 
+	sealing sync.WaitGroup // large files being sealed after their pieces came
+
 	mu    sync.Mutex
 	seen  map[digest.Digest]bool
 	files int
@@ -201,6 +205,9 @@ func (p *startupSet) run(ctx context.Context, img ocispec.Image) (int, int64) {
 		p.followProgram(ctx, prog)
 	}
 	wg.Wait()
+	p.sealing.Wait()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	return p.files, p.bytes
 }
 
@@ -252,11 +259,11 @@ func (p *startupSet) followProgram(ctx context.Context, prog string) {
 // dependencies reads a fetched file's #! interpreter or its ELF
 // interpreter and the shared libraries it needs, as paths in the image.
 func (p *startupSet) dependencies(sf startupFile) []string {
-	h, err := p.fs.store.Open(digest.Digest(sf.n.Digest))
+	h, release, err := p.open(sf)
 	if err != nil {
 		return nil
 	}
-	defer h.Close()
+	defer release()
 	head := make([]byte, 256)
 	n, _ := h.ReadAt(head, 0)
 	head = head[:n]
@@ -314,6 +321,28 @@ func (p *startupSet) dependencies(sf startupFile) []string {
 		}
 	}
 	return deps
+}
+
+// open returns a reader of a fetched file's content: its sealed object,
+// or its partial object while that is being sealed.
+func (p *startupSet) open(sf startupFile) (io.ReaderAt, func(), error) {
+	d := digest.Digest(sf.n.Digest)
+	if h, err := p.fs.store.Open(d); err == nil {
+		return h, func() { h.Close() }, nil
+	}
+	part, err := p.fs.store.Partial(d, sf.n.Size)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !part.Has(0, sf.n.Size) {
+		part.Release()
+		// Sealed between the two looks?
+		if h, err := p.fs.store.Open(d); err == nil {
+			return h, func() { h.Close() }, nil
+		}
+		return nil, nil, fmt.Errorf("%s: not fetched", sf.path)
+	}
+	return part, part.Release, nil
 }
 
 // localeFiles lists the files of the locale the image's environment
@@ -507,8 +536,6 @@ func (p *startupSet) fetchLarge(ctx context.Context, sf startupFile) error {
 	if err != nil {
 		return err
 	}
-	// Held until sealed: the last release discards the pieces.
-	defer part.Release()
 	var wg sync.WaitGroup
 	errs := make([]error, len(sf.n.Chunks))
 	done := p.fs.foreground()
@@ -524,14 +551,24 @@ func (p *startupSet) fetchLarge(ctx context.Context, sf startupFile) error {
 	// background completion of the same file, which waits for readers.
 	done()
 	if err := errors.Join(errs...); err != nil {
+		part.Release()
 		return err
 	}
-	if err := sf.m.ensure(ctx, sf.n, nil); err != nil {
-		return err
-	}
-	p.mu.Lock()
-	p.files++
-	p.bytes += sf.n.Size
-	p.mu.Unlock()
+	// Sealed meanwhile: the program's libraries are looked for in its
+	// pieces now, not after hashing and writing all of it.
+	p.sealing.Add(1)
+	go func() {
+		defer p.sealing.Done()
+		// Held until sealed: the last release discards the pieces.
+		defer part.Release()
+		if err := sf.m.ensure(ctx, sf.n, nil); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", sf.m.meta.Info.Digest).Debug("start-up fetch")
+			return
+		}
+		p.mu.Lock()
+		p.files++
+		p.bytes += sf.n.Size
+		p.mu.Unlock()
+	}()
 	return nil
 }
