@@ -38,7 +38,7 @@ demo: build
 	$(GO) run ./script/demo -daemon bin/containerd-lazycas-grpc
 
 # lazycas against containerd's overlayfs snapshotter, cold and warm, on a
-# loopback and a shaped 100mbit-20ms link (about 15 minutes; see README,
+# loopback and a shaped 100mbit-20ms link (about 9 minutes; see README,
 # "Performance"). BENCH_FLAGS passes flags, e.g. BENCH_FLAGS=-quick.
 bench: deps
 	$(GO) run ./script/bench $(BENCH_FLAGS)
