@@ -210,12 +210,33 @@ type SnapshotCall struct {
 // SnapshotCalls reads the daemon's log, which must be JSON (JSONLogConfig),
 // and returns every Prepare and View it logged, in order, across restarts.
 func (e *Env) SnapshotCalls() ([]SnapshotCall, error) {
+	var calls []SnapshotCall
+	err := e.DaemonLog(func(line []byte, msg string) error {
+		if msg != "prepare" && msg != "view" {
+			return nil
+		}
+		var ent struct {
+			Key    string            `json:"key"`
+			Parent string            `json:"parent"`
+			Labels map[string]string `json:"labels"`
+		}
+		if err := json.Unmarshal(line, &ent); err != nil {
+			return err
+		}
+		calls = append(calls, SnapshotCall{Kind: msg, Key: ent.Key, Parent: ent.Parent, Labels: ent.Labels})
+		return nil
+	})
+	return calls, err
+}
+
+// DaemonLog calls fn with every line of the daemon's log, which must be
+// JSON (JSONLogConfig), and its message, in order, across restarts.
+func (e *Env) DaemonLog(fn func(line []byte, msg string) error) error {
 	f, err := os.Open(filepath.Join(e.Dir, daemonLog))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer f.Close()
-	var calls []SnapshotCall
 	jsonLines := 0
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 0, 64*1024), 16<<20) // an image-layers label can be long
@@ -225,26 +246,23 @@ func (e *Env) SnapshotCalls() ([]SnapshotCall, error) {
 			continue // the environment's "=== start" headers, a panic's trace
 		}
 		var ent struct {
-			Msg    string            `json:"msg"`
-			Key    string            `json:"key"`
-			Parent string            `json:"parent"`
-			Labels map[string]string `json:"labels"`
+			Msg string `json:"msg"`
 		}
 		if err := json.Unmarshal(line, &ent); err != nil {
-			return nil, fmt.Errorf("%s: a line that is not JSON: %w: %.200s", daemonLog, err, line)
+			return fmt.Errorf("%s: a line that is not JSON: %w: %.200s", daemonLog, err, line)
 		}
 		jsonLines++
-		if ent.Msg == "prepare" || ent.Msg == "view" {
-			calls = append(calls, SnapshotCall{Kind: ent.Msg, Key: ent.Key, Parent: ent.Parent, Labels: ent.Labels})
+		if err := fn(line, ent.Msg); err != nil {
+			return fmt.Errorf("%s: %w: %.200s", daemonLog, err, line)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read %s: %w", daemonLog, err)
+		return fmt.Errorf("read %s: %w", daemonLog, err)
 	}
 	if jsonLines == 0 {
-		return nil, errors.New("the lazycas log holds no JSON lines: start the environment with DaemonConfig JSONLogConfig")
+		return errors.New("the lazycas log holds no JSON lines: start the environment with DaemonConfig JSONLogConfig")
 	}
-	return calls, nil
+	return nil
 }
 
 // APISocket is the daemon's own API socket, next to its snapshots socket.

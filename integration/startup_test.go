@@ -1,0 +1,76 @@
+package integration
+
+import (
+	"encoding/json"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/lazycas/lazycas/fs/convert"
+	"github.com/lazycas/lazycas/integration/testenv"
+)
+
+// TestStartupFilesComeWithThePull pulls the python image, converted without
+// a prefetch list, with the labels CRI sends, and background fetch off:
+// before any container runs, the daemon has fetched what python3 (the
+// image's Cmd) loads to start, found through the image config in
+// containerd's content store; python then starts with few requests of its
+// own.
+func TestStartupFilesComeWithThePull(t *testing.T) {
+	env := newEnvWith(t, testenv.Options{DaemonConfig: testenv.JSONLogConfig + "\n[fs]\nbackground_fetch = false\n"})
+	ctx := testContext(t)
+	ref := convertPython(ctx, t, env, convert.EStargz, nil)
+	img, err := env.Pull(ctx, ref, testenv.WithSnapshotLabels(ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		files []string
+		done  bool
+	)
+	deadline := time.Now().Add(time.Minute)
+	for !done && time.Now().Before(deadline) {
+		files, done = nil, false
+		err := env.DaemonLog(func(line []byte, msg string) error {
+			switch msg {
+			case "start-up file":
+				var ent struct {
+					Path string `json:"path"`
+				}
+				if err := json.Unmarshal(line, &ent); err != nil {
+					return err
+				}
+				files = append(files, ent.Path)
+			case "start-up files fetched":
+				done = true
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !done {
+		t.Fatalf("no start-up fetch within a minute of the pull; files looked for: %q", files)
+	}
+	for _, want := range []string{"/usr/bin/python3", "/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6",
+		"/lib/x86_64-linux-gnu/libm.so.6", "/lib/x86_64-linux-gnu/libz.so.1", "/etc/ld.so.cache"} {
+		if !slices.Contains(files, want) {
+			t.Errorf("start-up files %q lack %s", files, want)
+		}
+	}
+
+	before := daemonStats(ctx, t, env).Fetch.Requests
+	if out := runPython(ctx, t, env, img, "print(1)"); out != "1\n" {
+		t.Fatalf("python printed %q", out)
+	}
+	// python's own first reads of its library: a few readahead windows.
+	// Without the start-up files, each of the program, the loader and
+	// its five libraries is a request of its own, one after the other.
+	n := daemonStats(ctx, t, env).Fetch.Requests - before
+	t.Logf("start-up files: %d; python's start then made %d registry requests", len(files), n)
+	if n > 6 {
+		t.Errorf("python's start made %d registry requests after the start-up fetch, want at most 6", n)
+	}
+}
