@@ -258,12 +258,22 @@ func (p *startupSet) followProgram(ctx context.Context, prog string) {
 
 // dependencies reads a fetched file's #! interpreter or its ELF
 // interpreter and the shared libraries it needs, as paths in the image.
-func (p *startupSet) dependencies(sf startupFile) []string {
+func (p *startupSet) dependencies(sf startupFile) (deps []string) {
 	h, release, err := p.open(sf)
 	if err != nil {
 		return nil
 	}
 	defer release()
+	// The file comes from an image, whoever made it, and debug/elf is not
+	// hardened against hostile input: a panic must not take the daemon
+	// down, it only ends the start-up set here.
+	defer func() {
+		if r := recover(); r != nil {
+			log.L.WithFields(log.Fields{"path": sf.path, "layer": sf.m.meta.Info.Digest, "panic": r}).
+				Warn("start-up files: cannot read the ELF headers")
+			deps = nil
+		}
+	}()
 	head := make([]byte, 256)
 	n, _ := h.ReadAt(head, 0)
 	head = head[:n]
@@ -278,7 +288,6 @@ func (p *startupSet) dependencies(sf startupFile) []string {
 	if err != nil {
 		return nil
 	}
-	var deps []string
 	for _, prog := range ef.Progs {
 		if prog.Type == elf.PT_INTERP && prog.Filesz < 4096 {
 			b := make([]byte, prog.Filesz)

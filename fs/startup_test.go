@@ -207,3 +207,39 @@ func TestLocaleDirs(t *testing.T) {
 		}
 	}
 }
+
+// TestStartupSurvivesBrokenPrograms starts images whose entrypoint is a
+// truncated ELF file or ELF-looking garbage: the start-up set stops at the
+// program, which is still fetched, and nothing panics.
+func TestStartupSurvivesBrokenPrograms(t *testing.T) {
+	prog, err := os.ReadFile("/bin/true")
+	if err != nil {
+		t.Skipf("no /bin/true: %v", err)
+	}
+	for name, data := range map[string][]byte{
+		"truncated": prog[:min(len(prog), 3000)],
+		"garbage":   append([]byte("\x7fELF\x02\x01\x01\x00"), []byte(strings.Repeat("\xff\x00\x10", 700))...),
+		"loop":      []byte("#!/usr/bin/loop\n"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			im := &images{manifest: digest.FromString(name), img: ocispec.Image{
+				Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
+				Config:   ocispec.ImageConfig{Cmd: []string{"/usr/bin/loop"}},
+			}}
+			e := newEnv(t, Options{StartupFetch: true, Images: im}, remote.Options{})
+			base := testlayer.Build(t, testlayer.Tar(t, []testlayer.Entry{
+				testlayer.File("etc/ld.so.cache", []byte("cache"), 0o644),
+			}), layer.FormatEStargz, testlayer.BuildOptions{})
+			app := testlayer.Build(t, testlayer.Tar(t, []testlayer.Entry{
+				testlayer.Dir("usr", 0o755), testlayer.Dir("usr/bin", 0o755),
+				testlayer.File("usr/bin/loop", data, 0o755),
+			}), layer.FormatEStargz, testlayer.BuildOptions{})
+			mountImage(t, e, im, base, app)
+			if !testlayer.Eventually(e.ctx, 20*time.Second, func() bool {
+				return e.st.Has(digest.FromBytes(data)) && e.st.Has(digest.FromBytes([]byte("cache")))
+			}) {
+				t.Error("the program and ld.so.cache were not fetched")
+			}
+		})
+	}
+}
