@@ -211,8 +211,9 @@ func demoLazy(ctx context.Context, env *testenv.Env, cli, tmp string, pushed *te
 	case total:
 		detail("In plain words: lazycas mounted all %d layers straight from the registry in %s. containerd", total, pullTime)
 		detail("downloaded and unpacked none of them; lazycas read only each layer's TOC, checked against the")
-		detail("manifest. File contents follow by default: the prefetch list at once, a file a container reads")
-		detail("when it reads it, the rest in the background.")
+		detail("manifest. File contents follow by default: the prefetch list and the files the image's")
+		detail("entrypoint loads to start (from its config) at once, a file a container reads when it reads")
+		detail("it, the rest in the background.")
 	case 0:
 		detail("In plain words: containerd downloaded and unpacked all %d layers into lazycas in %s, as for", total, pullTime)
 		detail("any image: this lazycas build mounts no layer lazily (its log says why).")
