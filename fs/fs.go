@@ -162,7 +162,7 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	if err := dgst.Validate(); err != nil {
 		return fmt.Errorf("layer digest %q: %w", dgst, err)
 	}
-	f.readAheadTails(ctx, ref, labels)
+	f.readAheadTails(ctx, ref, f.layersAbove(ctx, labels, dgst, manifest))
 	blob, toc, err := f.readTOC(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size}, pin)
 	if err != nil {
 		return err

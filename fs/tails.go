@@ -81,14 +81,43 @@ func (f *FileSystem) openTail(ctx context.Context, ref string, desc ocispec.Desc
 	return f.fetcher.OpenTail(ctx, ref, desc, tailSize)
 }
 
-// readAheadTails starts reading the tails of the layers listed after the
-// one being mounted (CRI's and nerdctl's image-layers label lists a layer
-// and those above it): containerd prepares them one after the other, and
-// each then finds its TOC fetched, so an image's TOCs cost about one round
-// trip instead of one per layer.
-func (f *FileSystem) readAheadTails(ctx context.Context, ref string, labels map[string]string) {
-	list := strings.Split(labels[snapshot.LabelImageLayers], ",")
-	if len(list) < 2 {
+// layersAbove lists the layers of the image above the one being mounted:
+// from CRI's and nerdctl's image-layers label (a layer and those above it),
+// or else from the image's manifest in containerd.
+func (f *FileSystem) layersAbove(ctx context.Context, labels map[string]string, layer, manifest digest.Digest) []digest.Digest {
+	var above []digest.Digest
+	if v := labels[snapshot.LabelImageLayers]; v != "" {
+		for _, s := range strings.Split(v, ",")[1:] {
+			if d, err := digest.Parse(strings.TrimSpace(s)); err == nil {
+				above = append(above, d)
+			}
+		}
+		return above
+	}
+	if f.opts.Images == nil || manifest.Validate() != nil {
+		return nil
+	}
+	layers, _, err := f.opts.Images.Image(ctx, manifest)
+	if err != nil {
+		return nil
+	}
+	for i, l := range layers {
+		if l.Digest == layer {
+			for _, a := range layers[i+1:] {
+				above = append(above, a.Digest)
+			}
+			break
+		}
+	}
+	return above
+}
+
+// readAheadTails starts reading the tails of the layers above the one
+// being mounted: containerd prepares them one after the other, and each
+// then finds its TOC fetched, so an image's TOCs cost about one round trip
+// instead of one per layer.
+func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []digest.Digest) {
+	if len(above) == 0 {
 		return
 	}
 	f.mu.Lock()
@@ -105,9 +134,8 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, labels map[
 			delete(f.tails, d)
 		}
 	}
-	for _, s := range list[1:] {
-		d, err := digest.Parse(strings.TrimSpace(s))
-		if err != nil || mounted[d] || f.tails[d] != nil || len(f.tails) >= maxTails {
+	for _, d := range above {
+		if mounted[d] || f.tails[d] != nil || len(f.tails) >= maxTails {
 			continue
 		}
 		t := &tail{done: make(chan struct{}), repo: repoOf(ref), started: time.Now()}
