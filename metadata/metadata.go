@@ -6,7 +6,8 @@
 // Layout of the database:
 //
 //	layers/<key>/info       JSON LayerInfo; Complete is set by the last write
-//	layers/<key>/nodes      inode (8 bytes BE) -> JSON Node
+//	layers/<key>/nodes      inode (8 bytes BE) -> Node record (codec.go; JSON when
+//	                        written before that encoding, still read)
 //	layers/<key>/dirents    parent inode (8 bytes BE) + name -> inode (8) + type (1)
 //
 // A layer is written in several transactions (a TOC may hold 100k entries);
@@ -207,11 +208,7 @@ func (d *DB) Put(key string, info LayerInfo, nodes []*Node, dirents []Dirent) er
 		if err := d.update(key, func(lb *bolt.Bucket) error {
 			nb := lb.Bucket(bucketNodes)
 			for _, n := range chunk {
-				v, err := json.Marshal(n)
-				if err != nil {
-					return err
-				}
-				if err := nb.Put(u64(n.ID), v); err != nil {
+				if err := nb.Put(u64(n.ID), encodeNode(nil, n)); err != nil {
 					return err
 				}
 			}
@@ -384,10 +381,10 @@ func (l *Layer) Node(id uint64) (*Node, error) {
 		if v == nil {
 			return fmt.Errorf("inode %d: %w", id, ErrNotFound)
 		}
-		return json.Unmarshal(v, &n)
+		return decodeNode(v, &n)
 	})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("inode %d: %w", id, err)
 	}
 	return &n, nil
 }
@@ -404,7 +401,10 @@ func (l *Layer) Lookup(parent uint64, name string) (*Node, error) {
 		if nv == nil {
 			return fmt.Errorf("inode %d: %w", binary.BigEndian.Uint64(v), ErrNotFound)
 		}
-		return json.Unmarshal(nv, &n)
+		if err := decodeNode(nv, &n); err != nil {
+			return fmt.Errorf("inode %d: %w", binary.BigEndian.Uint64(v), err)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err
@@ -434,7 +434,7 @@ func (l *Layer) Walk(fn func(*Node) error) error {
 	return l.view(func(lb *bolt.Bucket) error {
 		return lb.Bucket(bucketNodes).ForEach(func(_, v []byte) error {
 			var n Node
-			if err := json.Unmarshal(v, &n); err != nil {
+			if err := decodeNode(v, &n); err != nil {
 				return err
 			}
 			return fn(&n)
