@@ -875,20 +875,30 @@ func TestMountRefusesAndLeavesNothing(t *testing.T) {
 	}
 }
 
+// mountRichAndRead mounts richLayer under "rich", in 1 MiB chunks, and
+// reads three of its files through the mount: a small one, a large one and
+// one of two names of the same content. It returns the mountpoint, the
+// layer's entries and what the three hold, by path.
+func mountRichAndRead(t *testing.T, e *env) (string, []testlayer.Entry, map[string][]byte) {
+	t.Helper()
+	entries := richLayer()
+	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{ChunkSize: 1 << 20})
+	mp := e.mount("rich", blob)
+	read := map[string][]byte{"etc/passwd": nil, "big.bin": nil, "dup/one": nil}
+	for _, en := range entries {
+		if _, ok := read[en.Hdr.Name]; ok {
+			read[en.Hdr.Name] = en.Data
+			mustRead(t, filepath.Join(mp, en.Hdr.Name), en.Data)
+		}
+	}
+	return mp, entries, read
+}
+
 func TestRestoreServesWithoutTheRegistry(t *testing.T) {
 	for _, passthrough := range []bool{false, true} {
 		t.Run(fmt.Sprintf("passthrough=%v", passthrough), func(t *testing.T) {
 			e := newEnv(t, Options{OpaqueXattr: fuse.OpaqueXattrTrusted, Passthrough: passthrough}, remote.Options{RequestTimeout: time.Second, Retries: 1})
-			entries := richLayer()
-			blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{ChunkSize: 1 << 20})
-			mp := e.mount("rich", blob)
-			read := map[string][]byte{"etc/passwd": nil, "big.bin": nil, "dup/one": nil}
-			for _, en := range entries {
-				if _, ok := read[en.Hdr.Name]; ok {
-					read[en.Hdr.Name] = en.Data
-					mustRead(t, filepath.Join(mp, en.Hdr.Name), en.Data)
-				}
-			}
+			mp, entries, read := mountRichAndRead(t, e)
 
 			e.close() // the daemon stops
 			if mi, ok, _ := testlayer.MountAt(mp); ok {

@@ -17,13 +17,7 @@ import (
 // files after it, and the misses of files inside that window, arriving
 // while it is still in flight, wait for it instead of fetching their own.
 func TestMissesInsideAFetchInFlightWaitForIt(t *testing.T) {
-	e := newEnv(t, Options{}, remote.Options{})
-	entries := []testlayer.Entry{testlayer.Dir("d", 0o755)}
-	for i := range 16 {
-		entries = append(entries, testlayer.File(fmt.Sprintf("d/f%02d", i), []byte(fmt.Sprintf("file %d %0800d", i, i)), 0o644))
-	}
-	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
-	mp := e.mount("small", blob)
+	e, entries, blob, mp := neighbours(t)
 	before := e.reg.Counts(blob.Digest).Ranges
 	e.reg.DelayRanges(300 * time.Millisecond)
 
@@ -51,13 +45,7 @@ func TestMissesInsideAFetchInFlightWaitForIt(t *testing.T) {
 // does: after the first two misses, the window holds the files before
 // them, so the rest are read without a request.
 func TestReadaheadFollowsBackwardReads(t *testing.T) {
-	e := newEnv(t, Options{}, remote.Options{})
-	entries := []testlayer.Entry{testlayer.Dir("d", 0o755)}
-	for i := range 16 {
-		entries = append(entries, testlayer.File(fmt.Sprintf("d/f%02d", i), []byte(fmt.Sprintf("file %d %0800d", i, i)), 0o644))
-	}
-	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
-	mp := e.mount("small", blob)
+	e, entries, blob, mp := neighbours(t)
 	before := e.reg.Counts(blob.Digest).Ranges
 	for i := len(entries) - 1; i >= 1; i-- {
 		mustRead(t, filepath.Join(mp, entries[i].Hdr.Name), entries[i].Data)
@@ -65,4 +53,16 @@ func TestReadaheadFollowsBackwardReads(t *testing.T) {
 	if got := e.reg.Counts(blob.Digest).Ranges - before; got != 2 {
 		t.Errorf("%d range requests for 16 neighbouring files read backwards, want 2", got)
 	}
+}
+
+// neighbours mounts a layer of a directory of 16 small files, adjacent in
+// the blob; entries[0] is the directory.
+func neighbours(t *testing.T) (*env, []testlayer.Entry, *testlayer.Blob, string) {
+	e := newEnv(t, Options{}, remote.Options{})
+	entries := []testlayer.Entry{testlayer.Dir("d", 0o755)}
+	for i := range 16 {
+		entries = append(entries, testlayer.File(fmt.Sprintf("d/f%02d", i), []byte(fmt.Sprintf("file %d %0800d", i, i)), 0o644))
+	}
+	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
+	return e, entries, blob, e.mount("small", blob)
 }

@@ -9,7 +9,6 @@ import (
 
 	"github.com/lazycas/lazycas/fs/fuse"
 	"github.com/lazycas/lazycas/fs/internal/testlayer"
-	"github.com/lazycas/lazycas/fs/layer"
 	"github.com/lazycas/lazycas/fs/remote"
 )
 
@@ -22,16 +21,7 @@ func TestCorruptObjectAfterRestartIsFetchedAgain(t *testing.T) {
 		t.Run(fmt.Sprintf("passthrough=%v", passthrough), func(t *testing.T) {
 			e := newEnv(t, Options{OpaqueXattr: fuse.OpaqueXattrTrusted, Passthrough: passthrough, PartialMinSize: 1 << 20},
 				remote.Options{RequestTimeout: time.Second, Retries: 1})
-			entries := richLayer()
-			blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{ChunkSize: 1 << 20})
-			mp := e.mount("rich", blob)
-			read := map[string][]byte{"etc/passwd": nil, "big.bin": nil, "dup/one": nil}
-			for _, en := range entries {
-				if _, ok := read[en.Hdr.Name]; ok {
-					read[en.Hdr.Name] = en.Data
-					mustRead(t, filepath.Join(mp, en.Hdr.Name), en.Data)
-				}
-			}
+			mp, _, read := mountRichAndRead(t, e)
 			object := func(data []byte) string {
 				d := digestOf(data)
 				return filepath.Join(e.dir, "store", "objects", "sha256", d.Encoded()[:2], d.Encoded())
