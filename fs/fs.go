@@ -177,22 +177,19 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 		Ref: ref, Digest: dgst.String(), Size: blob.Size(), TOCDigest: toc.Digest.String(),
 		Format: string(toc.Format), Prefetch: tree.Prefetch, NoXattrs: true,
 	}
+	refs := make([]store.Ref, 0, tree.Files)
 	for _, n := range tree.Nodes {
 		if len(n.Xattrs) > 0 || n.Opaque {
 			info.NoXattrs = false
-			break
+		}
+		if n.Type == metadata.TypeReg && n.Size > 0 {
+			refs = append(refs, store.Ref{Digest: digest.Digest(n.Digest), Size: n.Size})
 		}
 	}
 	if err := f.meta.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
 		return err
 	}
 	stored := time.Now()
-	refs := make([]store.Ref, 0, tree.Files)
-	for _, n := range tree.Nodes {
-		if n.Type == metadata.TypeReg && n.Size > 0 {
-			refs = append(refs, store.Ref{Digest: digest.Digest(n.Digest), Size: n.Size})
-		}
-	}
 	if err := f.store.AddRefs(key, refs); err != nil {
 		f.forget(ctx, key)
 		return fmt.Errorf("layer %s: %w", dgst, err)

@@ -148,8 +148,9 @@ func groupNodes(files []*metadata.Node) [][]*metadata.Node {
 	for _, n := range files {
 		if k := len(groups); k > 0 {
 			g := groups[k-1]
-			start, end := g[0].Chunks[0].Offset, g[len(g)-1].Chunks[len(g[len(g)-1].Chunks)-1].End
-			nStart, nEnd := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
+			start, _ := blobSpan(g[0])
+			_, end := blobSpan(g[len(g)-1])
+			nStart, nEnd := blobSpan(n)
 			if nStart >= end && nStart-end <= groupGap && nEnd-start <= groupSpan {
 				groups[k-1] = append(g, n)
 				continue
@@ -171,8 +172,8 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader boo
 		return 0, 0, nil
 	}
 	var pre *prefetched
-	first, last := g[0], g[len(g)-1]
-	start, end := first.Chunks[0].Offset, last.Chunks[len(last.Chunks)-1].End
+	start, _ := blobSpan(g[0])
+	_, end := blobSpan(g[len(g)-1])
 	switch {
 	case len(g) > 1 && end-start <= groupSpan || reader:
 		b, err := m.remoteBlob(ctx)

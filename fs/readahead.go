@@ -52,9 +52,15 @@ func fileSpans(nodes []*metadata.Node) []fileSpan {
 
 func appendSpan(spans []fileSpan, n *metadata.Node) []fileSpan {
 	if n.Type == metadata.TypeReg && n.Size > 0 && len(n.Chunks) > 0 {
-		spans = append(spans, fileSpan{n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End, n.ID})
+		off, end := blobSpan(n)
+		spans = append(spans, fileSpan{off, end, n.ID})
 	}
 	return spans
+}
+
+// blobSpan is where n's compressed bytes lie in the blob; n has chunks.
+func blobSpan(n *metadata.Node) (off, end int64) {
+	return n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
 }
 
 func sortSpans(spans []fileSpan) []fileSpan {
@@ -66,7 +72,7 @@ func sortSpans(spans []fileSpan) []fileSpan {
 // the blob in the same request (those after it, or before it when reads go
 // backwards); n is sealed when it returns, the others in the background.
 func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
-	start, end := n.Chunks[0].Offset, n.Chunks[len(n.Chunks)-1].End
+	start, end := blobSpan(n)
 	fileStart, fileEnd := start, end
 	b, err := m.remoteBlob(ctx)
 	if err != nil {

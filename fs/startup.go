@@ -64,7 +64,7 @@ func (f *FileSystem) startup(ctx context.Context, manifest digest.Digest, top di
 		return
 	}
 	start := time.Now()
-	p := &startupSet{fs: f, stack: s, seen: map[digest.Digest]bool{}, triplet: triplet(img.Architecture)}
+	p := &startupSet{fs: f, stack: s, seen: map[digest.Digest]bool{}, triplet: triplet(img.Architecture), log: l}
 	files, bytes := p.run(ctx, img)
 	l.WithFields(log.Fields{
 		"files": files, "bytes": bytes, "took": time.Since(start).Round(time.Millisecond),
@@ -166,6 +166,7 @@ type startupSet struct {
 	fs      *FileSystem
 	stack   stack
 	triplet string // multiarch directory, e.g. x86_64-linux-gnu
+	log     *log.Entry
 
 	sealing sync.WaitGroup // large files being sealed after their pieces came
 
@@ -269,7 +270,7 @@ func (p *startupSet) dependencies(sf startupFile) (deps []string) {
 	// down, it only ends the start-up set here.
 	defer func() {
 		if r := recover(); r != nil {
-			log.L.WithFields(log.Fields{"path": sf.path, "layer": sf.m.meta.Info.Digest, "panic": r}).
+			p.log.WithFields(log.Fields{"path": sf.path, "layer": sf.m.meta.Info.Digest, "panic": r}).
 				Warn("start-up files: cannot read the ELF headers")
 			deps = nil
 		}
@@ -479,7 +480,7 @@ func (p *startupSet) lookup(paths []string) []startupFile {
 		p.mu.Unlock()
 		if !dup {
 			out = append(out, startupFile{m, n, q})
-			log.L.WithFields(log.Fields{"path": q, "size": n.Size, "layer": m.meta.Info.Digest,
+			p.log.WithFields(log.Fields{"path": q, "size": n.Size, "layer": m.meta.Info.Digest,
 				"offset": n.Chunks[0].Offset}).Debug("start-up file")
 		}
 	}
