@@ -51,6 +51,7 @@ type Finder struct {
 type manifest struct {
 	config ocispec.Descriptor
 	layers []ocispec.Descriptor
+	image  *ocispec.Image // the config, once read; guarded by Finder.mu
 }
 
 // New returns a Finder asking the containerd at address.
@@ -162,6 +163,12 @@ func (f *Finder) Image(ctx context.Context, manifest digest.Digest) ([]ocispec.D
 	if m == nil {
 		return nil, ocispec.Image{}, fmt.Errorf("%s is not an image manifest", manifest)
 	}
+	f.mu.Lock()
+	img := m.image
+	f.mu.Unlock()
+	if img != nil {
+		return m.layers, *img, nil
+	}
 	if m.config.Size > maxConfig {
 		return nil, ocispec.Image{}, fmt.Errorf("config %s: %d bytes is too big", m.config.Digest, m.config.Size)
 	}
@@ -169,11 +176,16 @@ func (f *Finder) Image(ctx context.Context, manifest digest.Digest) ([]ocispec.D
 	if err != nil {
 		return nil, ocispec.Image{}, fmt.Errorf("config %s: %w", m.config.Digest, err)
 	}
-	var img ocispec.Image
-	if err := json.Unmarshal(data, &img); err != nil {
+	img = new(ocispec.Image)
+	if err := json.Unmarshal(data, img); err != nil {
 		return nil, ocispec.Image{}, fmt.Errorf("config %s: %w", m.config.Digest, err)
 	}
-	return m.layers, img, nil
+	// Every layer of a pull asks (for the layers above it), the top one
+	// twice: the config is read once.
+	f.mu.Lock()
+	m.image = img
+	f.mu.Unlock()
+	return m.layers, *img, nil
 }
 
 // manifest reads and caches the blob of info if it is an image manifest.
