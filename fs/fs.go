@@ -92,6 +92,9 @@ type FileSystem struct {
 	fgLast   atomic.Int64 // unix nanoseconds of a reader's last fetch
 	// limiter caps background fetch bandwidth; nil means no cap.
 	limiter *rate.Limiter
+
+	specMu sync.Mutex
+	spec   map[*window]struct{} // fills in flight holding speculation
 }
 
 // New returns a FileSystem keeping TOCs in meta and file contents in st.
@@ -100,7 +103,7 @@ func New(meta *metadata.DB, st *store.Store, fetcher *remote.Fetcher, opts Optio
 		opts.FetchConcurrency = 4
 	}
 	f := &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{},
-		tails: map[digest.Digest]*tail{}}
+		tails: map[digest.Digest]*tail{}, spec: map[*window]struct{}{}}
 	if opts.BackgroundBandwidth > 0 {
 		// A burst of one group: a group is fetched as one request.
 		f.limiter = rate.NewLimiter(rate.Limit(opts.BackgroundBandwidth), limiterBurst)
@@ -119,6 +122,10 @@ type mounted struct {
 	wg     sync.WaitGroup  // background completions of large files, readahead
 
 	lastMiss  atomic.Int64 // blob offset of the last file readahead fetched for
+	openedIDs sync.Map     // inodes readers opened, once each
+	demandN   atomic.Int64 // files readers opened, and their compressed bytes:
+	demandB   atomic.Int64 // dense reads start streaming the layer (stream.go)
+	streaming atomic.Bool
 	winMu     sync.Mutex
 	windows   []*window // recent readahead and group windows, newest last
 	spansOnce sync.Once
@@ -379,6 +386,7 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 	// the answer. A fetch cut short by that would fail the read with EIO:
 	// let it finish, bounded by the fetcher's timeouts and retries.
 	ctx = context.WithoutCancel(ctx)
+	m.opened(n)
 	d := digest.Digest(n.Digest)
 	if !m.fs.store.Has(d) && m.piecewise(n) {
 		return m.openPartial(ctx, n)
@@ -695,74 +703,4 @@ func (f *FileSystem) foreground() func() {
 		f.fgLast.Store(time.Now().UnixNano())
 		f.fgActive.Add(-1)
 	}
-}
-
-// window is a span of the blob fetched, or being fetched, for a group of
-// files: a reader missing a file inside it waits for these bytes instead of
-// fetching them again.
-type window struct {
-	off   int64
-	buf   []byte
-	ready chan struct{} // closed once buf is filled, or err set
-	err   error
-}
-
-func newWindow(off, n int64) *window {
-	return &window{off: off, buf: make([]byte, n), ready: make(chan struct{})}
-}
-
-// fill reads the window's bytes through r and publishes them.
-func (w *window) fill(ctx context.Context, r layer.RangeReader) error {
-	w.err = r.ReadRanges(ctx, []layer.Range{{Off: w.off, Buf: w.buf}})
-	close(w.ready)
-	return w.err
-}
-
-// wait waits until the window is filled and reports whether it holds the
-// blob's bytes (false if its fetch failed).
-func (w *window) wait(ctx context.Context) (bool, error) {
-	select {
-	case <-w.ready:
-		return w.err == nil, nil
-	case <-ctx.Done():
-		return false, ctx.Err()
-	}
-}
-
-func (w *window) covers(off, end int64) bool {
-	return off >= w.off && end <= w.off+int64(len(w.buf))
-}
-
-// prefetched serves ranges from a window where it holds them, and anything
-// else from next.
-type prefetched struct {
-	win  *window // nil: nothing prefetched
-	next layer.RangeReader
-	// reader marks bytes fetched for a reader (readahead, start-up
-	// files): filling from them never yields to readers.
-	reader bool
-}
-
-func (p *prefetched) ReadRanges(ctx context.Context, ranges []layer.Range) error {
-	rest := ranges
-	if p.win != nil {
-		ok, err := p.win.wait(ctx)
-		if err != nil {
-			return err
-		}
-		if ok {
-			rest = nil
-			for _, r := range ranges {
-				if p.win.covers(r.Off, r.Off+int64(len(r.Buf))) {
-					copy(r.Buf, p.win.buf[r.Off-p.win.off:])
-					continue
-				}
-				rest = append(rest, r)
-			}
-		}
-	}
-	if len(rest) == 0 {
-		return nil
-	}
-	return p.next.ReadRanges(ctx, rest)
 }

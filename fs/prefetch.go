@@ -96,6 +96,25 @@ func (m *mounted) fetchAll(ctx context.Context, prefetchList bool) (files int, b
 		}
 	}
 
+	// Groups trimmed for readers are fetched again in a later pass; the
+	// passes are bounded so that a reader that never pauses cannot keep
+	// background fetch going for ever (what is left is fetched when read).
+	for pass := 0; pass < maxFetchPasses; pass++ {
+		f, b, trimmed, err := m.fetchPass(ctx, order)
+		files, bytes = files+f, bytes+b
+		if err != nil || !trimmed {
+			return files, bytes, err
+		}
+	}
+	return files, bytes, nil
+}
+
+// maxFetchPasses bounds the passes of one fetchAll.
+const maxFetchPasses = 8
+
+// fetchPass fetches the files of order the store lacks, in groups, and
+// reports whether any group was trimmed for a reader.
+func (m *mounted) fetchPass(ctx context.Context, order []*metadata.Node) (files int, bytes int64, trimmed bool, err error) {
 	groups := make(chan []*metadata.Node)
 	var (
 		mu   sync.Mutex
@@ -111,6 +130,10 @@ func (m *mounted) fetchAll(ctx context.Context, prefetchList bool) (files int, b
 				mu.Lock()
 				files += n
 				bytes += b
+				if errors.Is(err, errTrimmed) {
+					trimmed = true
+					err = errors.Join(slices.DeleteFunc(unjoin(err), func(e error) bool { return e == errTrimmed })...)
+				}
 				if err != nil && len(errs) < 8 {
 					errs = append(errs, err)
 				}
@@ -126,6 +149,10 @@ func (m *mounted) fetchAll(ctx context.Context, prefetchList bool) (files int, b
 	}
 feed:
 	for _, g := range groupNodes(todo) {
+		if m.streaming.Load() {
+			// The layer is being read through: the stream brings the rest.
+			break
+		}
 		select {
 		case groups <- g:
 		case <-ctx.Done():
@@ -135,9 +162,17 @@ feed:
 	close(groups)
 	wg.Wait()
 	if ctx.Err() != nil {
-		return files, bytes, ctx.Err()
+		return files, bytes, trimmed, ctx.Err()
 	}
-	return files, bytes, errors.Join(errs...)
+	return files, bytes, trimmed, errors.Join(errs...)
+}
+
+// unjoin lists the errors an errors.Join made, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
 }
 
 // groupNodes splits files, in blob order, into groups fetched with one
@@ -165,7 +200,11 @@ func groupNodes(files []*metadata.Node) [][]*metadata.Node {
 // seals each into the store. For a reader (start-up files) the read counts
 // as a reader's; otherwise it is background work: it waits for readers and
 // keeps to the bandwidth cap.
+//
+// A background group whose fetch was trimmed for a reader seals the files
+// that arrived and returns errTrimmed: the caller fetches the rest later.
 func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader bool) (files int, bytes int64, err error) {
+	var trimmed error
 	// A reader may have brought some since the group was formed.
 	g = slices.DeleteFunc(slices.Clone(g), func(n *metadata.Node) bool { return m.fs.store.Has(digest.Digest(n.Digest)) })
 	if len(g) == 0 {
@@ -191,17 +230,27 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader boo
 		}
 		// Shown to readers only now, past the waits above: a reader
 		// missing one of these files waits for this read, not for
-		// readers to be done.
-		w := m.addWindow(newWindow(start, end-start))
+		// readers to be done. A background group is all speculation: a
+		// reader's miss may cut it short, and what arrived is sealed.
+		demandEnd := start
 		var done func()
 		if reader {
+			demandEnd = end
 			done = m.fs.foreground()
 		}
-		err = w.fill(ctx, r)
+		w := m.addWindow(newWindow(start, end-start, demandEnd))
+		err = w.fill(ctx, b, m.fs)
 		if done != nil {
 			done()
 		}
-		if err != nil {
+		switch {
+		case errors.Is(err, errTrimmed):
+			g = slices.DeleteFunc(g, func(n *metadata.Node) bool {
+				off, end := blobSpan(n)
+				return !w.holds(off, end)
+			})
+			trimmed = errTrimmed
+		case err != nil:
 			return 0, 0, err
 		}
 		pre = &prefetched{win: w}
@@ -232,5 +281,5 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader boo
 		files++
 		bytes += n.Size
 	}
-	return files, bytes, errors.Join(errs...)
+	return files, bytes, errors.Join(append(errs, trimmed)...)
 }

@@ -2,20 +2,16 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"sort"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/lazycas/lazycas/fs/layer"
+	"github.com/lazycas/lazycas/fs/plan"
 	"github.com/lazycas/lazycas/metadata"
 )
-
-// readaheadSpan is how much of the blob a read of a missing small file
-// fetches: the file and the files after it, which a program tends to read
-// next (a package's modules, a library's data). One round trip then fills
-// many files; at 100 Mbit/s 512 KiB cost about as much as one round trip
-// of 20 ms each way.
-const readaheadSpan = 512 << 10
 
 // fileSpan is where a regular file's compressed bytes lie in the blob.
 type fileSpan struct {
@@ -71,6 +67,12 @@ func sortSpans(spans []fileSpan) []fileSpan {
 // fetchAround fills the store with n, fetching the files next to it in
 // the blob in the same request (those after it, or before it when reads go
 // backwards); n is sealed when it returns, the others in the background.
+//
+// How far around is the link's bandwidth-delay product (fs/plan): the
+// neighbours cost at most the round trip they may save. n's bytes come
+// first in their request and n is served as soon as they are in; the rest
+// arrives behind them, and is given up if another reader needs the link
+// before it is worth finishing.
 func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	start, end := blobSpan(n)
 	fileStart, fileEnd := start, end
@@ -80,26 +82,29 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	}
 	next := blobRanges{b}
 	// A window fetched or being fetched for an earlier miss, a group of
-	// background fetch or the start-up files may hold this file: read it
-	// from there, not again.
+	// background fetch, the start-up files or a stream may hold this
+	// file: read it from there, not again.
 	if w := m.window(start, end); w != nil {
 		return m.ensure(ctx, n, &prefetched{win: w, next: next, reader: true})
 	}
-	if end-start >= readaheadSpan {
+	link := linkOf(b)
+	m.fs.trimSpeculation(link)
+	span := plan.Readahead(link)
+	if end-start >= span {
 		return m.ensure(ctx, n, nil)
 	}
 	// Programs read a directory's files in either order (a walk popping
 	// a stack reads them backwards): a miss just before the previous one
 	// fetches the files before it, else those after it.
 	prev := m.lastMiss.Swap(start)
-	backward := prev > start && prev-start <= 2*readaheadSpan
+	backward := prev > start && prev-start <= 2*span
 	spans := m.spans()
 	var more []uint64
 	if backward {
 		i := sort.Search(len(spans), func(i int) bool { return spans[i].off >= start })
 		for i--; i >= 0; i-- {
 			sp := spans[i]
-			if fileEnd-sp.off > readaheadSpan || start-sp.end > groupGap || sp.end > start {
+			if fileEnd-sp.off > span || start-sp.end > groupGap || sp.end > start || !m.worthFetching(sp.id, n) {
 				break
 			}
 			more = append(more, sp.id)
@@ -109,7 +114,7 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		i := sort.Search(len(spans), func(i int) bool { return spans[i].off > start })
 		for ; i < len(spans); i++ {
 			sp := spans[i]
-			if sp.end-start > readaheadSpan || sp.off-end > groupGap || sp.off < end {
+			if sp.end-start > span || sp.off-end > groupGap || sp.off < end || !m.worthFetching(sp.id, n) {
 				break
 			}
 			more = append(more, sp.id)
@@ -119,35 +124,68 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	if len(more) == 0 {
 		return m.ensure(ctx, n, nil)
 	}
-	w, fresh := m.claimWindow(fileStart, fileEnd, start, end)
+	// Backwards, the file is the window's last bytes: all of it is
+	// demand. Forwards only the file is, and the rest may be trimmed.
+	demandEnd := fileEnd
+	if backward {
+		demandEnd = end
+	}
+	w, fresh := m.claimWindow(fileStart, fileEnd, start, end, demandEnd)
 	pre := &prefetched{win: w, next: next, reader: true}
 	if !fresh {
 		// Another miss claimed a window holding this file meanwhile.
 		return m.ensure(ctx, n, pre)
 	}
-	if err := w.fill(ctx, next); err != nil {
-		return err
-	}
-	if err := m.ensure(ctx, n, pre); err != nil {
-		return err
-	}
-	m.wg.Add(1)
+	m.wg.Add(2)
 	go func() {
 		defer m.wg.Done()
-		for _, id := range more {
-			if m.bg.Err() != nil {
-				return
-			}
-			o, err := m.meta.Node(id)
-			if err != nil || m.fs.store.Has(digest.Digest(o.Digest)) || m.piecewise(o) {
-				continue
-			}
-			if err := m.ensure(m.bg, o, pre); err != nil {
-				log.L.WithError(err).WithField("inode", id).Debug("readahead")
-			}
+		if err := w.fill(m.bg, b, m.fs); err != nil && !errors.Is(err, errTrimmed) && m.bg.Err() == nil {
+			log.L.WithError(err).WithField("layer", m.meta.Info.Digest).Debug("readahead window")
 		}
 	}()
-	return nil
+	go func() {
+		defer m.wg.Done()
+		m.sealFrom(w, more)
+	}()
+	return m.ensure(ctx, n, pre)
+}
+
+// worthFetching reports whether the file id, a neighbour of the missed
+// file n, is worth fetching along with it: not when the store has its
+// content (from any layer) or n is the same content.
+func (m *mounted) worthFetching(id uint64, n *metadata.Node) bool {
+	o, err := m.meta.Node(id)
+	return err == nil && o.Digest != n.Digest && !m.fs.store.Has(digest.Digest(o.Digest))
+}
+
+// sealFrom seals the files ids of window w as its bytes arrive, skipping
+// those it does not get (trimmed) and those the store has.
+func (m *mounted) sealFrom(w *window, ids []uint64) {
+	pre := &prefetched{win: w, next: noFetch{}, reader: true}
+	for _, id := range ids {
+		if m.bg.Err() != nil {
+			return
+		}
+		o, err := m.meta.Node(id)
+		if err != nil || m.fs.store.Has(digest.Digest(o.Digest)) || m.piecewise(o) {
+			continue
+		}
+		off, end := blobSpan(o)
+		if ok, err := w.waitFor(m.bg, off, end); err != nil || !ok {
+			continue
+		}
+		if err := m.ensure(m.bg, o, pre); err != nil {
+			log.L.WithError(err).WithField("inode", id).Debug("readahead")
+		}
+	}
+}
+
+// noFetch is the RangeReader behind a window whose files are sealed only
+// if the window holds them.
+type noFetch struct{}
+
+func (noFetch) ReadRanges(context.Context, []layer.Range) error {
+	return errors.New("bytes outside the window")
 }
 
 // maxWindows bounds the readahead and group windows kept in memory per
@@ -159,7 +197,7 @@ func (m *mounted) window(start, end int64) *window {
 	m.winMu.Lock()
 	defer m.winMu.Unlock()
 	for i := len(m.windows) - 1; i >= 0; i-- {
-		if w := m.windows[i]; w.covers(start, end) {
+		if w := m.windows[i]; w.holds(start, end) {
 			return w
 		}
 	}
@@ -168,15 +206,15 @@ func (m *mounted) window(start, end int64) *window {
 
 // claimWindow returns a window holding or fetching [fileStart, fileEnd),
 // or else a new one over [start, end) for the caller to fill (fresh).
-func (m *mounted) claimWindow(fileStart, fileEnd, start, end int64) (w *window, fresh bool) {
+func (m *mounted) claimWindow(fileStart, fileEnd, start, end, demandEnd int64) (w *window, fresh bool) {
 	m.winMu.Lock()
 	defer m.winMu.Unlock()
 	for i := len(m.windows) - 1; i >= 0; i-- {
-		if w := m.windows[i]; w.covers(fileStart, fileEnd) {
+		if w := m.windows[i]; w.holds(fileStart, fileEnd) {
 			return w, false
 		}
 	}
-	return m.addWindowLocked(newWindow(start, end-start)), true
+	return m.addWindowLocked(newWindow(start, end-start, demandEnd)), true
 }
 
 // addWindow remembers a window and returns it, forgetting the oldest

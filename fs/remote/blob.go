@@ -117,6 +117,30 @@ func (b *Blob) ReadRanges(ctx context.Context, ranges []Range) error {
 	return nil
 }
 
+// ReadStream fills buf with the blob's bytes at off in one request (or in
+// ReadRanges' pieces when buf is bigger than MaxRequestSize), telling
+// progress how many bytes from buf's start are filled as they arrive, so a
+// caller can use the first bytes of a long read before its end. Bytes
+// reported are final: a retry asks only for the rest.
+func (b *Blob) ReadStream(ctx context.Context, off int64, buf []byte, progress func(filled int64)) error {
+	if off < 0 || off > b.size || int64(len(buf)) > b.size-off {
+		return fmt.Errorf("read %s range %d+%d: outside the blob's %d bytes: %w",
+			b.digest, off, len(buf), b.size, errdefs.ErrInvalidArgument)
+	}
+	if len(buf) == 0 {
+		return nil
+	}
+	if int64(len(buf)) > b.f.opts.MaxRequestSize {
+		if err := b.ReadRanges(ctx, []Range{{Off: off, Buf: buf}}); err != nil {
+			return err
+		}
+		progress(int64(len(buf)))
+		return nil
+	}
+	p := &part{off: off, end: off + int64(len(buf)), targets: []target{{off: off, buf: buf}}, progress: progress}
+	return b.request(ctx, []*part{p}, nil)
+}
+
 // request fetches parts in one request slot. With several parts it tries a
 // multi-range request; if the server does not honour it, it marks the blob so
 // later reads ask singly and hands the parts still missing to requeue.

@@ -348,6 +348,8 @@ func (b *Blob) do(ctx context.Context, h docker.RegistryHost, method, u, ranges 
 		return nil
 	}
 	b.f.requests.Add(1)
+	meter := b.f.meter(h.Host)
+	sent := time.Now()
 	resp, err := client.Do(req)
 	if err != nil {
 		// url.Error would print the URL with its query, which for a
@@ -357,7 +359,12 @@ func (b *Blob) do(ctx context.Context, h docker.RegistryHost, method, u, ranges 
 		}
 		return nil, fmt.Errorf("%s %s: %w", method, redact(req.URL), err)
 	}
-	resp.Body = &countingBody{ReadCloser: resp.Body, n: &b.f.bytes}
+	// A redirect's answer comes from elsewhere (storage): only the
+	// registry's own answers measure the path to it.
+	if resp.Request.Response == nil {
+		meter.answered(time.Since(sent))
+	}
+	resp.Body = &meteredBody{ReadCloser: &countingBody{ReadCloser: resp.Body, n: &b.f.bytes}, m: meter}
 	return resp, nil
 }
 

@@ -104,6 +104,9 @@ type Fetcher struct {
 	hosts map[string][]docker.RegistryHost
 
 	requests, bytes, retries atomic.Int64
+
+	linkMu sync.Mutex
+	links  map[string]*linkMeter // by registry host, see Links
 }
 
 // Stats counts what went over the wire.
@@ -115,16 +118,18 @@ type Stats struct {
 	BytesFetched int64
 	// Retries is the number of attempts repeated after a transient failure.
 	Retries int64
+	// Links is what the requests measured of each registry host.
+	Links map[string]Link `json:",omitempty"`
 }
 
 // New returns a Fetcher for opts.
 func New(opts Options) *Fetcher {
-	return &Fetcher{opts: opts.withDefaults(), hosts: map[string][]docker.RegistryHost{}}
+	return &Fetcher{opts: opts.withDefaults(), hosts: map[string][]docker.RegistryHost{}, links: map[string]*linkMeter{}}
 }
 
 // Stats returns the counters since New.
 func (f *Fetcher) Stats() Stats {
-	return Stats{Requests: f.requests.Load(), BytesFetched: f.bytes.Load(), Retries: f.retries.Load()}
+	return Stats{Requests: f.requests.Load(), BytesFetched: f.bytes.Load(), Retries: f.retries.Load(), Links: f.Links()}
 }
 
 // Close releases idle registry connections. Blobs stay usable; they reconnect

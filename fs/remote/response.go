@@ -21,7 +21,17 @@ type part struct {
 	// done is set once every byte was read; a part belongs to one request
 	// at a time, so it needs no lock.
 	done bool
+	// progress, when set, is told how many bytes of the part's single
+	// target are filled, from its start, as they arrive; a retry then asks
+	// only for the rest, so bytes reported are never written again.
+	progress func(filled int64)
+	reported int64 // bytes before off already reported
 }
+
+// progressStep is how often a streamed part reports: small enough that a
+// reader waiting for the first files of a window goes on early, big enough
+// that the reports cost nothing next to the bytes.
+const progressStep = 64 << 10
 
 // target receives the blob's bytes [off, off+len(buf)).
 type target struct {
@@ -33,11 +43,14 @@ type target struct {
 func (p *part) fill(r io.Reader) error {
 	if len(p.targets) == 1 && p.targets[0].off == p.off && int64(len(p.targets[0].buf)) == p.end-p.off {
 		// The common case reads straight into the caller's buffer.
-		if _, err := io.ReadFull(r, p.targets[0].buf); err != nil {
-			return bodyError(err)
+		if p.progress == nil {
+			if _, err := io.ReadFull(r, p.targets[0].buf); err != nil {
+				return bodyError(err)
+			}
+			p.done = true
+			return nil
 		}
-		p.done = true
-		return nil
+		return p.stream(r)
 	}
 	var tmp [32 << 10]byte
 	for pos := p.off; pos < p.end; {
@@ -55,6 +68,29 @@ func (p *part) fill(r io.Reader) error {
 			}
 		}
 		pos += n
+	}
+	p.done = true
+	return nil
+}
+
+// stream fills the part's single target in steps, reporting each, and
+// leaves the part covering only what is still missing if the body ends
+// early.
+func (p *part) stream(r io.Reader) error {
+	buf := p.targets[0].buf
+	var got int
+	for got < len(buf) {
+		n, err := io.ReadFull(r, buf[got:min(got+progressStep, len(buf))])
+		got += n
+		if n > 0 {
+			p.progress(p.reported + int64(got))
+		}
+		if err != nil {
+			p.off += int64(got)
+			p.reported += int64(got)
+			p.targets[0] = target{off: p.off, buf: buf[got:]}
+			return bodyError(err)
+		}
 	}
 	p.done = true
 	return nil
