@@ -77,6 +77,10 @@ type FS struct {
 	// shared libraries, and glibc's start-up files (needs the containerd
 	// address, to read the image config).
 	StartupFetch bool `toml:"startup_fetch"`
+	// Learn records which files containers open in the first seconds on
+	// each layer (by file digest, in <root>/profiles.db) and, when a layer
+	// holding any of them is mounted, fetches those first.
+	Learn bool `toml:"learn"`
 	// BackgroundFetch then fetches the rest of the layer.
 	BackgroundFetch bool `toml:"background_fetch"`
 	// BackgroundDelay is how long after a layer is mounted background

@@ -64,6 +64,9 @@ type Options struct {
 	StartupFetch bool
 	// Images reads image manifests and configs; nil turns StartupFetch off.
 	Images ImageReader
+	// Profiles records what containers open and fetches it first on the
+	// next mount of a layer holding those files; nil turns learning off.
+	Profiles *Profiles
 }
 
 // LayerFinder finds the image repository and blob of a lazy layer from
@@ -206,6 +209,7 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 		f.forget(ctx, key)
 		return err
 	}
+	m.learnFetch()
 	if f.opts.StartupFetch && f.opts.Images != nil && manifest.Validate() == nil {
 		// Under the layer's fetch context: unmounting it stops this.
 		m.wg.Add(1)
@@ -353,6 +357,7 @@ func (f *FileSystem) Close() error {
 }
 
 func (m *mounted) stop() error {
+	defer m.learnFlush()
 	m.cancel()
 	<-m.done
 	err := m.fuse.Unmount()
@@ -388,6 +393,7 @@ func (m *mounted) Open(ctx context.Context, n *metadata.Node) (fuse.File, error)
 	ctx = context.WithoutCancel(ctx)
 	m.opened(n)
 	d := digest.Digest(n.Digest)
+	m.learnOpen(n)
 	if !m.fs.store.Has(d) && m.piecewise(n) {
 		return m.openPartial(ctx, n)
 	}

@@ -17,6 +17,9 @@ import (
 const (
 	APIStats = "/v1/store/stats"
 	APIGC    = "/v1/store/gc"
+	// APIProfiles exports start-up profiles (GET, ?layer=DIGEST repeated;
+	// none: all) and imports them (POST, the export as body).
+	APIProfiles = "/v1/profiles"
 )
 
 // ServeAPI answers lazycas's own API on l until Shutdown: store statistics
@@ -26,6 +29,8 @@ func (s *Service) ServeAPI(l net.Listener) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+APIStats, s.handleStats)
 	mux.HandleFunc("POST "+APIGC, s.handleGC)
+	mux.HandleFunc("GET "+APIProfiles, s.handleProfileExport)
+	mux.HandleFunc("POST "+APIProfiles, s.handleProfileImport)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	s.api = srv
 	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {

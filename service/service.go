@@ -26,6 +26,7 @@ import (
 	"github.com/lazycas/lazycas/config"
 	lazyfs "github.com/lazycas/lazycas/fs"
 	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/fs/profile"
 	"github.com/lazycas/lazycas/fs/remote"
 	"github.com/lazycas/lazycas/metadata"
 	"github.com/lazycas/lazycas/service/finder"
@@ -49,6 +50,8 @@ type lazy struct {
 	store   *store.Store
 	fetcher *remote.Fetcher
 	finder  *finder.Finder
+	prof    *profile.DB // nil unless fs.learn
+	learn   *lazyfs.Profiles
 }
 
 func (l *lazy) close() error {
@@ -61,6 +64,11 @@ func (l *lazy) close() error {
 	l.fetcher.Close()
 	if l.finder != nil {
 		l.finder.Close()
+	}
+	if l.prof != nil {
+		if err := l.prof.Close(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := l.meta.Close(); err != nil {
 		errs = append(errs, err)
@@ -130,11 +138,18 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		fo.Images = l.finder
 		fo.StartupFetch = cfg.FS.StartupFetch
 	}
+	if cfg.FS.Learn {
+		if l.prof, err = profile.Open(filepath.Join(cfg.Root, "profiles.db")); err != nil {
+			return nil, err
+		}
+		l.learn = lazyfs.NewProfiles(l.prof, 0)
+		fo.Profiles = l.learn
+	}
 	l.fs = lazyfs.New(meta, st, l.fetcher, fo)
 	st.SetMaxBytes(cfg.Store.MaxSize.Bytes)
 	log.G(ctx).WithFields(log.Fields{
 		"store": st.Dir(), "passthrough": cfg.FS.Passthrough, "prefetch": cfg.FS.Prefetch,
-		"background_fetch": cfg.FS.BackgroundFetch, "max_size": cfg.Store.MaxSize.Bytes, "opaque_xattr": opaque, "containerd": cfg.Containerd.Address,
+		"background_fetch": cfg.FS.BackgroundFetch, "max_size": cfg.Store.MaxSize.Bytes, "learn": cfg.FS.Learn, "opaque_xattr": opaque, "containerd": cfg.Containerd.Address,
 	}).Info("lazy layers enabled")
 	return l, nil
 }

@@ -24,6 +24,9 @@ const usage = `usage: lazycas [--debug] COMMAND [flags] [args]
 commands:
   image convert [flags] SRC DST   convert an image's layers to eStargz or zstd:chunked
   image pull [flags] REF          pull REF into containerd through the lazycas snapshotter
+  image profile export [--layer DIGEST ...] FILE
+                                  write learned start-up profiles to FILE (JSON)
+  image profile import FILE       merge the profiles in FILE into the daemon's
   store stats [flags]             show the shared store: objects, bytes, dedup, per image
   store gc [flags]                trim the shared store to a size
   version                         print the version
@@ -71,6 +74,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return imagePull(ctx, args[2:], stdout, stderr)
 	case args[0] == "image" && len(args) > 1 && args[1] == "convert":
 		return imageConvert(ctx, args[2:], stdout, stderr)
+	case args[0] == "image" && len(args) > 1 && args[1] == "profile":
+		return imageProfile(ctx, args[2:], stdout, stderr)
 	case args[0] == "store" && len(args) > 1 && args[1] == "stats":
 		return storeStats(ctx, args[2:], stdout, stderr)
 	case args[0] == "store" && len(args) > 1 && args[1] == "gc":
