@@ -389,6 +389,13 @@ func (s *Store) Ensure(ctx context.Context, d digest.Digest, size int64, fn Fill
 		s.mu.Lock()
 		f, waiting := s.inflight[d]
 		if !waiting {
+			// A fill that ended between Has and here has renamed its
+			// object into place (under s.mu, before leaving inflight):
+			// look again before filling a second time.
+			if _, err := os.Stat(s.path(d)); err == nil {
+				s.mu.Unlock()
+				return false, nil
+			}
 			f = &fill{done: make(chan struct{})}
 			s.inflight[d] = f
 		}
