@@ -25,7 +25,7 @@ type linkCheck struct {
 // trip, and the download rate of the largest layer of python:estargz.
 func checkLink(ctx context.Context, link string, px *proxy) (linkCheck, error) {
 	lc := linkCheck{Link: link}
-	ref, err := name.ParseReference(px.Addr()+"/"+repo+":"+tagPython, name.Insecure)
+	ref, err := name.ParseReference(px.Addr()+"/"+repoPython+":"+tagPython, name.Insecure)
 	if err != nil {
 		return lc, err
 	}
@@ -71,7 +71,7 @@ func checkLink(ctx context.Context, link string, px *proxy) (linkCheck, error) {
 		return lc, err
 	}
 	lc.RoundTripMs = float64(rtt.Microseconds()) / 1000
-	took, n, err := get("/v2/" + repo + "/blobs/" + digest)
+	took, n, err := get("/v2/" + repoPython + "/blobs/" + digest)
 	if err != nil {
 		return lc, err
 	}

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"compress/gzip"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -24,22 +25,44 @@ import (
 	"github.com/lazycas/lazycas/integration/testimages"
 )
 
-// The benchmark's images, all in the registry's "python" repository:
+// The benchmark's images. Each base image (testimages: python, debian,
+// gcc) is pushed to the registry under its own repository and converted
+// twice:
 //
-//	python:estargz   the test environment's Debian + python3 image (two
-//	                 layers, 66 MB gzip) converted to eStargz, without a
-//	                 prefetch list: the image of the cold workloads
-//	python:app-zstd  the same two layers plus an application layer (100
-//	                 python modules and 16 MiB of data files), all
-//	                 converted to zstd:chunked: other blobs, same base files
-//	python:big-estargz  the python image plus a layer holding one 128 MiB
-//	                 file, eStargz: the warm read and walk workloads
+//	REPO:estargz         by lazycas's converter, without a prefetch list
+//	REPO:stargz-estargz  as stargz-snapshotter's converter makes it (the
+//	                     estargz module's defaults, no landmark): the
+//	                     image the peers pull, and lazycas too in its
+//	                     lazycas@stargz-image series
+//
+// and, in the python repository, two derived images:
+//
+//	python:app-zstd      the same two layers plus an application layer (100
+//	                     python modules and 16 MiB of data files), all
+//	                     converted to zstd:chunked: other blobs, same base
+//	                     files
+//	python:big-estargz   the python image plus a layer holding one 128 MiB
+//	                     file, eStargz: the warm read and walk workloads
 const (
 	tagPython = "estargz"
+	tagStargz = "stargz-estargz"
 	tagApp    = "app-zstd"
 	tagBig    = "big-estargz"
-	repo      = "python"
+
+	repoPython = "python"
+	repoDebian = "debian"
+	repoGCC    = "gcc"
 )
+
+// baseImages are the recipes of the repositories.
+var baseImages = map[string]*testimages.Image{
+	repoPython: testimages.Python,
+	repoDebian: testimages.Debian,
+	repoGCC:    testimages.GCC,
+}
+
+// imageKey names an image in the report: REPO:TAG.
+func imageKey(repo, tag string) string { return repo + ":" + tag }
 
 // App layer contents.
 const (
@@ -64,8 +87,11 @@ print("app ready:", len(mods), "modules,", data, "bytes of data")
 
 // imageInfo describes one benchmark image in the registry.
 type imageInfo struct {
+	Repo   string `json:"repo"`
 	Tag    string `json:"tag"`
 	Format string `json:"format"`
+	// Converter is lazycas or stargz (the estargz module's defaults).
+	Converter string `json:"converter"`
 	// Layers and CompressedBytes of the converted image.
 	Layers          int   `json:"layers"`
 	CompressedBytes int64 `json:"compressedBytes"`
@@ -75,59 +101,84 @@ type imageInfo struct {
 	ConvertSecs  float64 `json:"convertSeconds"`
 }
 
+// imageNeeds says which images the workloads need.
+type imageNeeds struct {
+	repos    []string // base images, both conversions
+	app, big bool
+}
+
 // prepareImages pushes and converts the images the workloads need into the
 // environment's registry.
-func prepareImages(ctx context.Context, env *testenv.Env, work string, need map[string]bool, logf func(string, ...any)) (map[string]*imageInfo, error) {
-	pushed, err := env.PushImage(ctx, testimages.Python)
-	if err != nil {
-		return nil, err
-	}
-	logf("pushed python (%d layers, %s) in %s", pushed.Layers, mb(pushed.Bytes), pushed.PushTime.Round(time.Millisecond))
-	loaded, err := testimages.Python.Load(ctx, testimages.CacheDir(), logf)
-	if err != nil {
-		return nil, err
-	}
+func prepareImages(ctx context.Context, env *testenv.Env, work string, need imageNeeds, logf func(string, ...any)) (map[string]*imageInfo, error) {
 	infos := map[string]*imageInfo{}
-	conv := func(src, tag string, format convert.Format, newBytes int64) error {
+	conv := func(src, repo, tag string, format convert.Format, newBytes int64) error {
 		start := time.Now()
 		dst := env.RegistryHost + "/" + repo + ":" + tag
 		res, err := convert.Convert(ctx, src, dst, convert.Options{Format: format, Resolver: env.Resolver(), TempDir: work})
 		if err != nil {
 			return fmt.Errorf("convert %s to %s: %w", src, format, err)
 		}
-		info := &imageInfo{Tag: tag, Format: string(format), Layers: len(res.Layers), NewFileBytes: newBytes,
-			ConvertSecs: time.Since(start).Seconds()}
+		info := &imageInfo{Repo: repo, Tag: tag, Format: string(format), Converter: "lazycas", Layers: len(res.Layers),
+			NewFileBytes: newBytes, ConvertSecs: time.Since(start).Seconds()}
 		for _, l := range res.Layers {
 			info.CompressedBytes += l.Converted.Size
 		}
-		infos[tag] = info
-		logf("converted %s to %s (%s) in %s", src, tag, mb(info.CompressedBytes), time.Since(start).Round(time.Millisecond))
+		infos[imageKey(repo, tag)] = info
+		logf("converted %s to %s (%s) in %s", src, dst, mb(info.CompressedBytes), time.Since(start).Round(time.Millisecond))
 		return nil
 	}
-	if err := conv(pushed.Ref, tagPython, convert.EStargz, 0); err != nil {
-		return nil, err
+	var python v1.Image
+	for _, repo := range need.repos {
+		im := baseImages[repo]
+		pushed, err := env.PushImage(ctx, im)
+		if err != nil {
+			return nil, err
+		}
+		logf("pushed %s (%d layers, %s) in %s", im.Name, pushed.Layers, mb(pushed.Bytes), pushed.PushTime.Round(time.Millisecond))
+		if err := conv(pushed.Ref, repo, tagPython, convert.EStargz, 0); err != nil {
+			return nil, err
+		}
+		loaded, err := im.Load(ctx, testimages.CacheDir(), logf)
+		if err != nil {
+			return nil, err
+		}
+		if repo == repoPython {
+			python = loaded.Image
+		}
+		start := time.Now()
+		dst := env.RegistryHost + "/" + repo + ":" + tagStargz
+		n, err := convertLikeStargz(ctx, loaded.Image, dst, work)
+		if err != nil {
+			return nil, fmt.Errorf("convert %s as stargz-snapshotter does: %w", im.Name, err)
+		}
+		infos[imageKey(repo, tagStargz)] = &imageInfo{Repo: repo, Tag: tagStargz, Format: string(convert.EStargz), Converter: "stargz",
+			Layers: pushed.Layers, CompressedBytes: n, ConvertSecs: time.Since(start).Seconds()}
+		logf("converted %s as stargz-snapshotter does to %s (%s) in %s", im.Name, dst, mb(n), time.Since(start).Round(time.Millisecond))
 	}
-	if need[tagApp] {
+	if (need.app || need.big) && python == nil {
+		return nil, errors.New("the app and big images derive from python: it must be among the repositories")
+	}
+	if need.app {
 		layer, n, err := appLayer(work)
 		if err != nil {
 			return nil, err
 		}
-		src, err := pushWith(ctx, env, loaded.Image, layer, "app-src")
+		src, err := pushWith(ctx, env, python, layer, "app-src")
 		if err != nil {
 			return nil, err
 		}
-		if err := conv(src, tagApp, convert.ZstdChunked, n); err != nil {
+		if err := conv(src, repoPython, tagApp, convert.ZstdChunked, n); err != nil {
 			return nil, err
 		}
 	}
-	if need[tagBig] {
+	if need.big {
 		layer, n, err := bigLayer(work)
 		if err != nil {
 			return nil, err
 		}
 		// On top of python:estargz, whose layers the converter keeps as
 		// they are: only the new layer is converted.
-		baseRef, err := name.ParseReference(env.RegistryHost+"/"+repo+":"+tagPython, name.Insecure)
+		baseRef, err := name.ParseReference(env.RegistryHost+"/"+repoPython+":"+tagPython, name.Insecure)
 		if err != nil {
 			return nil, err
 		}
@@ -139,7 +190,7 @@ func prepareImages(ctx context.Context, env *testenv.Env, work string, need map[
 		if err != nil {
 			return nil, err
 		}
-		if err := conv(src, tagBig, convert.EStargz, n); err != nil {
+		if err := conv(src, repoPython, tagBig, convert.EStargz, n); err != nil {
 			return nil, err
 		}
 	}
@@ -153,7 +204,7 @@ func pushWith(ctx context.Context, env *testenv.Env, base v1.Image, layer v1.Lay
 	if err != nil {
 		return "", err
 	}
-	refStr := env.RegistryHost + "/" + repo + ":" + tag
+	refStr := env.RegistryHost + "/" + repoPython + ":" + tag
 	ref, err := name.ParseReference(refStr, name.Insecure)
 	if err != nil {
 		return "", err

@@ -30,6 +30,14 @@ type linkSpec struct {
 	Latency time.Duration `json:"latency"`        // one way
 }
 
+// defaultLinks are make bench's; matrixLinks are -matrix's (issue 12): a
+// link where bandwidth is the cost, one where round trips are, a fast
+// datacenter one and a slow far one.
+var (
+	defaultLinks = []string{"100mbit-0ms", "100mbit-20ms"}
+	matrixLinks  = []string{"loopback", "100mbit-0ms", "100mbit-20ms", "1gbit-2ms", "20mbit-50ms"}
+)
+
 var linkRE = regexp.MustCompile(`^([0-9]+(?:kbit|mbit|gbit))-([0-9.]+(?:ms|us|s))$`)
 
 func parseLink(s string) (linkSpec, error) {
@@ -52,15 +60,16 @@ func parseLink(s string) (linkSpec, error) {
 const (
 	netnsPrefix = "lzbench-"
 	vethPrefix  = "lzbh"
-	// The /30 on the veth pair: host end .1, namespace end .2.
-	hostIP  = "10.213.77.1"
-	nsIP    = "10.213.77.2"
-	regPort = "5000"
+	// Link i has the /30 at 10.213.77.4i on its veth pair: host end
+	// .4i+1, namespace end .4i+2.
+	netPrefix = "10.213.77."
+	regPort   = "5000"
 )
 
 // shapedLink is a registry in a network namespace behind TBF-shaped veths.
 type shapedLink struct {
 	spec     linkSpec
+	index    int
 	netns    string
 	hostVeth string
 	nsVeth   string
@@ -72,9 +81,12 @@ type shapedLink struct {
 // setUpShaped creates the namespace, the veth pair with TBF on both ends,
 // and starts a registry serving storage inside it. On error it removes
 // what it made.
-func setUpShaped(ctx context.Context, spec linkSpec, workDir, storage string, logf func(string, ...any)) (_ *shapedLink, err error) {
-	id := strconv.Itoa(os.Getpid())
-	l := &shapedLink{spec: spec, netns: netnsPrefix + id, hostVeth: vethPrefix + id, nsVeth: "lzbn" + id}
+func setUpShaped(ctx context.Context, spec linkSpec, index int, workDir, storage string, logf func(string, ...any)) (_ *shapedLink, err error) {
+	if index < 0 || index > 62 {
+		return nil, fmt.Errorf("link %s: at most 63 shaped links", spec.Name)
+	}
+	id := strconv.Itoa(os.Getpid()) + "x" + strconv.Itoa(index)
+	l := &shapedLink{spec: spec, index: index, netns: netnsPrefix + id, hostVeth: vethPrefix + id, nsVeth: "lzbn" + id}
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -87,9 +99,9 @@ func setUpShaped(ctx context.Context, spec linkSpec, workDir, storage string, lo
 		{"ip", "netns", "add", l.netns},
 		{"ip", "link", "add", l.hostVeth, "type", "veth", "peer", "name", l.nsVeth},
 		{"ip", "link", "set", l.nsVeth, "netns", l.netns},
-		{"ip", "addr", "add", hostIP + "/30", "dev", l.hostVeth},
+		{"ip", "addr", "add", l.hostIP() + "/30", "dev", l.hostVeth},
 		{"ip", "link", "set", l.hostVeth, "up"},
-		{"ip", "-n", l.netns, "addr", "add", nsIP + "/30", "dev", l.nsVeth},
+		{"ip", "-n", l.netns, "addr", "add", l.nsIP() + "/30", "dev", l.nsVeth},
 		{"ip", "-n", l.netns, "link", "set", l.nsVeth, "up"},
 		{"ip", "-n", l.netns, "link", "set", "lo", "up"},
 		append([]string{"tc", "qdisc", "add", "dev", l.hostVeth}, tbf...),
@@ -101,7 +113,7 @@ func setUpShaped(ctx context.Context, spec linkSpec, workDir, storage string, lo
 		}
 	}
 	cfg := filepath.Join(workDir, "registry-"+spec.Name+".yml")
-	if err := os.WriteFile(cfg, []byte(testenv.RegistryConfig(storage, nsIP+":"+regPort)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(testenv.RegistryConfig(storage, l.nsIP()+":"+regPort)), 0o644); err != nil {
 		return nil, err
 	}
 	lf, err := os.Create(filepath.Join(workDir, "registry-"+spec.Name+".log"))
@@ -148,7 +160,10 @@ func setUpShaped(ctx context.Context, spec linkSpec, workDir, storage string, lo
 }
 
 // Upstream is the registry's address as seen from the host.
-func (l *shapedLink) Upstream() string { return nsIP + ":" + regPort }
+func (l *shapedLink) Upstream() string { return l.nsIP() + ":" + regPort }
+
+func (l *shapedLink) hostIP() string { return netPrefix + strconv.Itoa(4*l.index+1) }
+func (l *shapedLink) nsIP() string   { return netPrefix + strconv.Itoa(4*l.index+2) }
 
 // Close stops the registry and removes the veth pair and the namespace.
 // It is idempotent and safe on a half-made link.

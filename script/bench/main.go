@@ -1,21 +1,26 @@
 // Command bench measures lazycas against containerd's overlayfs
-// snapshotter (full pull and unpack) on this machine, in one run, and
-// writes a table, a JSON file and PNG charts (issue 7, `make bench`).
+// snapshotter (full pull and unpack) and against stargz-snapshotter, on
+// this machine, in one run, and writes a table, a JSON file and PNG charts
+// (issues 7 and 12, `make bench`).
 //
 // It starts the integration test environment (a registry, a private
-// containerd 1.6 and the lazycas daemon), pushes the cached Debian+python3
-// test image and converts it to eStargz, plus two derived images (an
-// application image in zstd:chunked on the same base files, and an image
-// with a 128 MiB file). Every puller reaches the registry through a proxy
-// of this program that counts the bytes served; on a shaped link
-// ("100mbit-20ms") the registry runs in a network namespace behind a veth
-// pair with TBF on both ends, and the proxy adds the latency. Each cold run
-// starts from empty containerd and lazycas roots and a dropped page cache.
+// containerd 1.6 and the lazycas daemon), builds stargz-snapshotter's
+// daemon from its Go module (script/bench/stargz), pushes the cached test
+// images (Debian+python3, Debian minbase, Debian+gcc) and converts each
+// twice: with lazycas's converter, and as stargz-snapshotter's converter
+// does (no landmark); plus two derived images (an application image in
+// zstd:chunked on the same base files, and an image with a 128 MiB file).
+// Every puller reaches the registry through a proxy of this program that
+// counts the bytes served; on a shaped link ("100mbit-20ms") the registry
+// runs in a network namespace behind a veth pair with TBF on both ends,
+// and the proxy adds the latency. Each cold run starts from empty
+// containerd, lazycas and stargz-snapshotter roots and a dropped page
+// cache.
 //
 // Run it as root from the repository root:
 //
-//	go run ./script/bench [-runs 3] [-link loopback,100mbit-20ms] [-workloads print,import,readall,second,warm] [-out bench-results] [-quick]
-//	    [-peer NAME=SOCKET[,cri|none]]...
+//	go run ./script/bench [-runs 3] [-link 100mbit-0ms,100mbit-20ms | -matrix] [-workloads print,import-few,...] [-out bench-results] [-quick]
+//	    [-stargz=true] [-peer NAME=SOCKET[,cri|none]]...
 //
 // Everything it starts (daemons, network namespace, veths, mounts) is
 // removed at the end, on Ctrl-C or SIGTERM too, and what a killed run left
@@ -58,13 +63,14 @@ type options struct {
 	snapshotters []string // measured, peers included
 	peers        []peerSpec
 	runTimeout   time.Duration
+	stargz       bool // build and measure stargz-snapshotter
 }
 
 func main() {
 	var o options
 	runs := flag.Int("runs", 3, "cold runs per snapshotter, workload and link")
-	links := flag.String("link", "loopback,100mbit-20ms", "links to the registry, comma-separated: loopback or RATE-LATENCY (e.g. 100mbit-20ms: TBF rate, one-way latency)")
-	wls := flag.String("workloads", strings.Join(allWorkloads, ","), "workloads, comma-separated: "+strings.Join(allWorkloads, ", "))
+	links := flag.String("link", strings.Join(defaultLinks, ","), "links to the registry, comma-separated: loopback or RATE-LATENCY (e.g. 100mbit-20ms: TBF rate, one-way latency)")
+	wls := flag.String("workloads", strings.Join(defaultWorkloads, ","), "workloads, comma-separated: "+strings.Join(allWorkloads, ", "))
 	flag.StringVar(&o.out, "out", "bench-results", "directory for the JSON, Markdown and PNG results")
 	flag.StringVar(&o.daemon, "daemon", "", "containerd-lazycas-grpc binary (default: build ./cmd/containerd-lazycas-grpc)")
 	flag.DurationVar(&o.timeout, "timeout", 27*time.Minute, "stop measuring after this long and report what was measured")
@@ -75,6 +81,8 @@ func main() {
 	confFile := flag.String("lazycas-config", "", "a TOML file added to the lazycas daemon's config, e.g. to measure with [fs] background_fetch = false")
 	replot := flag.String("report", "", "only redo the table, Markdown and PNGs of an earlier results `FILE.json`, next to it")
 	flag.StringVar(&o.publish, "publish", "", "also copy the results to `DIR` under fixed names (results.json, results.md, <chart>.png), e.g. docs/bench")
+	flag.BoolVar(&o.stargz, "stargz", true, "build stargz-snapshotter's daemon from its Go module ("+stargzModule+") and measure it in the same run, as snapshotter "+stargzName)
+	matrix := flag.Bool("matrix", false, "the full matrix: links "+strings.Join(matrixLinks, ",")+" (overrides -link)")
 	quick := flag.Bool("quick", false, "development: 1 run, loopback only, no profile run (overrides -runs and -link)")
 	var peers peerFlags
 	flag.Var(&peers, "peer", "also measure the snapshotter serving containerd's snapshots API on `NAME=SOCKET[,LABELS]` (repeatable): "+
@@ -88,6 +96,9 @@ func main() {
 		return
 	}
 	o.runs = *runs
+	if *matrix {
+		*links = strings.Join(matrixLinks, ",")
+	}
 	if *quick {
 		o.runs, *links, o.profile = 1, "loopback", false
 	}
@@ -106,6 +117,11 @@ func main() {
 		o.workloads = append(o.workloads, w)
 	}
 	var err error
+	if o.stargz {
+		// A socket in the run's directory, known once it exists: the spec
+		// is completed in run.
+		peers = append(peerFlags{{Name: stargzName, Labels: labelsCRI}}, peers...)
+	}
 	if o.snapshotters, err = measuredSnapshotters(*sns, peers); err != nil {
 		fatal(err)
 	}
@@ -199,7 +215,31 @@ func run(sigCtx context.Context, o options) (err error) {
 	// written once they passed the check.
 	var proxies []testenv.ProxySnapshotter
 	peers := map[string]peerSpec{}
+	var sg *stargzPeer
+	if o.stargz {
+		prog.logf("building stargz-snapshotter's daemon (%s, %s)", stargzModule, stargzVersion())
+		bin, err := buildStargz(ctx, filepath.Join(work, "bin"))
+		if err != nil {
+			return err
+		}
+		if sg, err = newStargzPeer(bin, filepath.Join(work, stargzName)); err != nil {
+			return err
+		}
+		defer func() {
+			if cerr := sg.close(); cerr != nil {
+				err = errors.Join(err, cerr)
+			}
+		}()
+		o.peers[0].Socket = sg.socket()
+		rep.Notes = append(rep.Notes, stargzNote())
+	}
 	for _, p := range o.peers {
+		if p.Name == stargzName && sg != nil {
+			// Ours: it runs only for its own runs, on an empty root.
+			proxies = append(proxies, testenv.ProxySnapshotter{Name: p.Name, Address: p.Socket})
+			peers[p.Name] = p
+			continue
+		}
 		if err := checkPeer(ctx, p); err != nil {
 			return err
 		}
@@ -267,18 +307,30 @@ func run(sigCtx context.Context, o options) (err error) {
 		}
 	}()
 
-	need := map[string]bool{tagApp: slices.Contains(o.workloads, wlSecond), tagBig: slices.Contains(o.workloads, wlWarm)}
+	need := imageNeeds{app: slices.Contains(o.workloads, wlSecond), big: slices.Contains(o.workloads, wlWarm)}
+	for _, r := range []string{repoPython, repoDebian, repoGCC} {
+		use := r == repoPython && (need.app || need.big)
+		for _, w := range o.workloads {
+			if cw, ok := coldWorkloads[w]; ok && cw.repo == r {
+				use = true
+			}
+		}
+		if use {
+			need.repos = append(need.repos, r)
+		}
+	}
 	images, err := prepareImages(ctx, env, work, need, prog.logf)
 	if err != nil {
 		return err
 	}
 	rep.Images = images
 
-	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig, peers: peers}
-	for _, l := range o.links {
+	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig, peers: peers, stargz: sg}
+	var registries []string
+	for i, l := range o.links {
 		upstream := env.RegistryHost
 		if l.Rate != "" {
-			sl, err := setUpShaped(ctx, l, work, env.RegistryStorage(), prog.logf)
+			sl, err := setUpShaped(ctx, l, i, work, env.RegistryStorage(), prog.logf)
 			if err != nil {
 				return err
 			}
@@ -307,6 +359,7 @@ func run(sigCtx context.Context, o options) (err error) {
 		}
 		defer px.Close()
 		b.proxies[l.Name] = px
+		registries = append(registries, px.Addr())
 		// A node configures a plain-HTTP registry in hosts.toml; lazycas
 		// reads this directory (its [remote] config_path).
 		dir := filepath.Join(hostsDir, px.Addr())
@@ -324,6 +377,9 @@ func run(sigCtx context.Context, o options) (err error) {
 		rep.LinkChecks = append(rep.LinkChecks, lc)
 		prog.logf("link %s: registry at %s through proxy %s; measured: HTTP round trip %.1f ms, %.1f MB/s for a %s blob",
 			l.Name, upstream, px.Addr(), lc.RoundTripMs, lc.ThroughputMBps, mb(lc.BlobBytes))
+	}
+	if sg != nil {
+		sg.setRegistries(registries)
 	}
 	rep.SetupSeconds = time.Since(started).Seconds()
 
@@ -351,6 +407,11 @@ func redoReport(path, publish string) error {
 	var rep report
 	if err := json.Unmarshal(data, &rep); err != nil {
 		return fmt.Errorf("%s: %w", path, err)
+	}
+	for _, c := range rep.Cells {
+		if c.Workload == oldWlImport {
+			c.Workload = wlImport
+		}
 	}
 	res := &results{cells: rep.Cells}
 	rep.finish(res)

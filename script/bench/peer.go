@@ -15,6 +15,7 @@ import (
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	snproxy "github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/errdefs"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -153,6 +154,11 @@ func walkPeer(ctx context.Context, sn snapshots.Snapshotter) ([]snapshots.Info, 
 		infos = append(infos, in)
 		return nil
 	})
+	if errdefs.IsNotFound(err) {
+		// A snapshotter on an empty root has no snapshots bucket yet
+		// (containerd's metastore says "bucket does not exist").
+		return nil, nil
+	}
 	return infos, err
 }
 

@@ -84,7 +84,7 @@ func TestReportColumnsWithPeers(t *testing.T) {
 		t.Errorf("header without peers %v: the published tables have this one", h)
 	}
 	r.Peers = []peerSpec{{"stargz", "/s.sock", labelsCRI}}
-	want := []string{"workload", "metric", "overlayfs", "lazycas", "stargz", "ratio lazycas", "ratio stargz"}
+	want := []string{"workload", "metric", "overlayfs", "lazycas", "stargz", "lazycas/overlayfs", "lazycas/stargz", "stargz/overlayfs"}
 	if h := r.header(); !slices.Equal(h, want) {
 		t.Errorf("header %v, want %v", h, want)
 	}
@@ -107,10 +107,10 @@ func TestReportColumnsWithPeers(t *testing.T) {
 			rss = row
 		}
 	}
-	if !slices.Equal(first, []string{"print", "pull start to first output (s)", "2.00", "1.00", "0.50", "0.50", "0.25"}) {
+	if !slices.Equal(first, []string{"print", "pull start to first output (s)", "2.00", "1.00", "0.50", "0.50", "2.00", "0.25"}) {
 		t.Errorf("first-output row %v", first)
 	}
-	if rss == nil || rss[4] != "30" || rss[2] != "—" || rss[6] != "—" {
+	if rss == nil || rss[4] != "30" || rss[2] != "—" || rss[7] != "—" {
 		t.Errorf("peer RSS row %v: the peer's figure only, no ratio", rss)
 	}
 }

@@ -15,8 +15,9 @@ import (
 )
 
 var seriesColor = map[string]color.Color{
-	snOverlay: color.RGBA{R: 0x8c, G: 0x8c, B: 0x8c, A: 0xff},
-	snLazycas: color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+	snOverlay:     color.RGBA{R: 0x8c, G: 0x8c, B: 0x8c, A: 0xff},
+	snLazycas:     color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+	snLazycasPeer: color.RGBA{R: 0x9e, G: 0xc6, B: 0xe8, A: 0xff},
 }
 
 // peerColors colour the peers' bars, in -peer order.
@@ -155,7 +156,7 @@ func summaryBar(c *cell, metric string, scale float64) bar {
 func writePlots(prefix string, r *report, res *results) ([]string, error) {
 	var files []string
 	var cold []string
-	for _, wl := range []string{wlPrint, wlImport, wlRead, wlSecond} {
+	for _, wl := range append(slices.Clone(coldOrder), wlSecond) {
 		for _, c := range res.cells {
 			if c.Workload == wl {
 				cold = append(cold, wl)

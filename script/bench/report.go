@@ -58,7 +58,9 @@ func init() {
 		{mCtrdRSS, "containerd peak RSS (MB)", 1e6, "%.0f"},
 		{mPeerRSS, "peer daemon peak RSS since it started (MB)", 1e6, "%.0f"},
 	}
-	shown[wlPrint], shown[wlImport], shown[wlRead] = cold, cold, cold
+	for _, wl := range coldOrder {
+		shown[wl] = cold
+	}
 	second := slices.Clone(cold)
 	second = slices.Insert(second, 6,
 		metricDef{mBytesAll, "registry bytes incl. background fetch (MB)", 1e6, "%.1f"},
@@ -82,17 +84,21 @@ func init() {
 	}
 }
 
-// ratio is a snapshotter's median over overlayfs's, same link and
-// workload.
+// ratio is a snapshotter's median over another's (Base: overlayfs or a
+// peer), same link and workload.
 type ratio struct {
 	Link        string  `json:"link"`
 	Workload    string  `json:"workload"`
 	Metric      string  `json:"metric"`
 	Snapshotter string  `json:"snapshotter"`
-	Overlay     float64 `json:"overlayfs"`
+	Base        string  `json:"base"`
+	BaseValue   float64 `json:"baseValue"`
 	Value       float64 `json:"value"`
 	Ratio       float64 `json:"ratio"`
 }
+
+// ratioPair is one ratio column: Of's median over Base's.
+type ratioPair struct{ Of, Base string }
 
 // target is one of issue 7's goals, checked against this run.
 type target struct {
@@ -191,30 +197,62 @@ type report struct {
 }
 
 // columns are the snapshotters of the tables and plots: overlayfs,
-// lazycas, then the peers.
+// lazycas (on its own and on the stargz-converted images), then the peers;
+// once results are in, those that have any.
 func (r *report) columns() []string {
 	cols := slices.Clone(snapshotters)
 	for _, p := range r.Peers {
 		cols = append(cols, p.Name)
 	}
-	return cols
+	if len(r.Cells) == 0 {
+		return slices.DeleteFunc(cols, func(s string) bool { return s == snLazycasPeer })
+	}
+	return slices.DeleteFunc(cols, func(s string) bool {
+		return !slices.ContainsFunc(r.Cells, func(c *cell) bool { return c.Snapshotter == s })
+	})
 }
 
-// ratioColumns are the snapshotters compared with overlayfs, and the
-// headers of their ratio columns: "ratio" alone when lazycas is the only
-// one, as in every run without peers.
-func (r *report) ratioColumns() (sns, headers []string) {
-	for _, sn := range r.columns() {
-		if sn == snOverlay {
-			continue
+// isLazycas tells whether a series is lazycas's.
+func isLazycas(sn string) bool { return sn == snLazycas || sn == snLazycasPeer }
+
+// ratioPairs are the ratio columns: each lazycas series over overlayfs and
+// over each peer, then each peer over overlayfs.
+func (r *report) ratioPairs() []ratioPair {
+	var lazy, peers []string
+	for _, c := range r.columns() {
+		switch {
+		case c == snOverlay:
+		case isLazycas(c):
+			lazy = append(lazy, c)
+		default:
+			peers = append(peers, c)
 		}
-		sns = append(sns, sn)
-		headers = append(headers, "ratio "+sn)
 	}
-	if len(sns) == 1 {
-		headers[0] = "ratio"
+	var out []ratioPair
+	for _, l := range lazy {
+		out = append(out, ratioPair{l, snOverlay})
+		for _, p := range peers {
+			out = append(out, ratioPair{l, p})
+		}
 	}
-	return sns, headers
+	for _, p := range peers {
+		out = append(out, ratioPair{p, snOverlay})
+	}
+	return out
+}
+
+// ratioHeaders are the ratio columns' headers: "ratio" alone when
+// lazycas/overlayfs is the only one, as in every run without peers.
+func (r *report) ratioHeaders() []string {
+	ps := r.ratioPairs()
+	if len(ps) == 1 && ps[0] == (ratioPair{snLazycas, snOverlay}) {
+		return []string{"ratio"}
+	}
+	var hs []string
+	for _, p := range ps {
+		hs = append(hs, p.Of+"/"+p.Base)
+	}
+	return hs
 }
 
 // finish computes the summaries, ratios and targets.
@@ -232,11 +270,10 @@ func (r *report) finish(res *results) {
 		}
 	}
 	r.Ratios = nil
-	cmpTo, _ := r.ratioColumns()
 	for _, l := range r.Links {
 		for _, wl := range allWorkloads {
-			for _, sn := range cmpTo {
-				o, z := res.find(l.Name, wl, snOverlay), res.find(l.Name, wl, sn)
+			for _, pr := range r.ratioPairs() {
+				o, z := res.find(l.Name, wl, pr.Base), res.find(l.Name, wl, pr.Of)
 				if o == nil || z == nil {
 					continue
 				}
@@ -246,7 +283,7 @@ func (r *report) finish(res *results) {
 					if !ok1 || !ok2 || so.Median == 0 || md.key == mNewBytes {
 						continue
 					}
-					r.Ratios = append(r.Ratios, ratio{l.Name, wl, md.key, sn, so.Median, sz.Median, sz.Median / so.Median})
+					r.Ratios = append(r.Ratios, ratio{l.Name, wl, md.key, pr.Of, pr.Base, so.Median, sz.Median, sz.Median / so.Median})
 				}
 			}
 		}
@@ -254,9 +291,10 @@ func (r *report) finish(res *results) {
 	r.Targets = r.targets(res)
 }
 
-func (r *report) ratioOf(link, wl, sn, metric string) (float64, bool) {
+// ratioOf is sn's median of metric over base's.
+func (r *report) ratioOf(link, wl, sn, base, metric string) (float64, bool) {
 	for _, x := range r.Ratios {
-		if x.Link == link && x.Workload == wl && x.Snapshotter == sn && x.Metric == metric {
+		if x.Link == link && x.Workload == wl && x.Snapshotter == sn && x.Base == base && x.Metric == metric {
 			return x.Ratio, true
 		}
 	}
@@ -286,9 +324,9 @@ func (r *report) targets(res *results) []target {
 		}
 		ts = append(ts, t)
 	}
-	v, ok := r.ratioOf(tl, wlPrint, snLazycas, mFirst)
+	v, ok := r.ratioOf(tl, wlPrint, snLazycas, snOverlay, mFirst)
 	add("cold start to first output, lazycas/overlayfs (print)", tl, v, ok, 0.10, true)
-	v, ok = r.ratioOf(tl, wlSecond, snLazycas, mFirst)
+	v, ok = r.ratioOf(tl, wlSecond, snLazycas, snOverlay, mFirst)
 	add("second image sharing base files, to first output, lazycas/overlayfs", tl, v, ok, 0.05, true)
 	if c := res.find(tl, wlSecond, snLazycas); c != nil {
 		all, nw := summarize(c.Samples[mBytesAll]), summarize(c.Samples[mNewBytes])
@@ -301,10 +339,50 @@ func (r *report) targets(res *results) []target {
 	} else {
 		add("second image: lazycas registry bytes / its new file bytes", tl, 0, false, 1.05, true)
 	}
-	v, ok = r.ratioOf(r.WarmLink, wlWarm, snLazycas, mWarmRead)
+	v, ok = r.ratioOf(r.WarmLink, wlWarm, snLazycas, snOverlay, mWarmRead)
 	add("warm sequential read MB/s, lazycas/overlayfs", r.WarmLink, v, ok, 0.95, false)
-	v, ok = r.ratioOf(r.WarmLink, wlWarm, snLazycas, mFind)
+	v, ok = r.ratioOf(r.WarmLink, wlWarm, snLazycas, snOverlay, mFind)
 	add("find / -xdev time, lazycas/overlayfs", r.WarmLink, v, ok, 1.5, true)
+	return append(ts, r.peerTargets()...)
+}
+
+// peerTargets are issue 12's: against stargz-snapshotter on the same
+// image (lazycas on the stargz-converted one), in every link and cold
+// workload cell; the median over those cells; and readall never slower
+// than a full pull.
+func (r *report) peerTargets() []target {
+	var ts []target
+	add := func(name, link string, v float64, ok bool, limit float64) {
+		t := target{Name: name, Link: link, Value: v, Limit: limit, AtMost: true, Known: ok}
+		t.Met = ok && v <= limit
+		ts = append(ts, t)
+	}
+	lazy := snLazycasPeer
+	if !slices.Contains(r.columns(), lazy) {
+		lazy = snLazycas
+	}
+	var times []float64
+	if slices.Contains(r.columns(), stargzName) {
+		for _, l := range r.Links {
+			for _, wl := range coldOrder {
+				v, ok := r.ratioOf(l.Name, wl, lazy, stargzName, mFirst)
+				if !ok {
+					continue
+				}
+				times = append(times, v)
+				add(fmt.Sprintf("%s: first output, %s/%s", wl, lazy, stargzName), l.Name, v, ok, 1.0)
+				b, ok := r.ratioOf(l.Name, wl, lazy, stargzName, mBytes)
+				add(fmt.Sprintf("%s: registry bytes to exit, %s/%s", wl, lazy, stargzName), l.Name, b, ok, 1.2)
+			}
+		}
+		m := summarize(times)
+		add(fmt.Sprintf("median over %d cells of first output, %s/%s", m.N, lazy, stargzName), "all", m.Median, m.N > 0, 0.75)
+	}
+	for _, l := range r.Links {
+		if v, ok := r.ratioOf(l.Name, wlRead, lazy, snOverlay, mFirst); ok {
+			add(fmt.Sprintf("readall: first output, %s/overlayfs", lazy), l.Name, v, ok, 1.0)
+		}
+	}
 	return ts
 }
 
@@ -341,7 +419,7 @@ func fmtRatio(v float64, ok bool) string {
 // snapshotter's summary, and each ratio to overlayfs.
 func (r *report) tableRows(link string, res *results) [][]string {
 	cols := r.columns()
-	cmpTo, _ := r.ratioColumns()
+	pairs := r.ratioPairs()
 	var rows [][]string
 	for _, wl := range allWorkloads {
 		cells := make([]*cell, len(cols))
@@ -371,8 +449,8 @@ func (r *report) tableRows(link string, res *results) [][]string {
 			if first {
 				row[0], first = wl, false
 			}
-			for _, sn := range cmpTo {
-				v, ok := r.ratioOf(link, wl, sn, md.key)
+			for _, pr := range pairs {
+				v, ok := r.ratioOf(link, wl, pr.Of, pr.Base, md.key)
 				row = append(row, fmtRatio(v, ok))
 			}
 			rows = append(rows, row)
@@ -390,16 +468,15 @@ func (r *report) tableRows(link string, res *results) [][]string {
 
 // header is the tables' header row.
 func (r *report) header() []string {
-	_, ratios := r.ratioColumns()
-	return append(append([]string{"workload", "metric"}, r.columns()...), ratios...)
+	return append(append([]string{"workload", "metric"}, r.columns()...), r.ratioHeaders()...)
 }
 
 // ratioNote says what the ratio columns divide.
 func (r *report) ratioNote() string {
-	if len(r.Peers) == 0 {
+	if len(r.ratioHeaders()) == 1 {
 		return "ratio = lazycas / overlayfs"
 	}
-	return "ratio X = X / overlayfs"
+	return "X/Y = X's median / Y's"
 }
 
 // writeText writes the tables for the terminal.
@@ -452,7 +529,7 @@ func (r *report) writeText(w io.Writer, res *results) {
 			fmt.Fprintf(w, "  %s %s: %s\n", p.Link, p.Workload, p.describe())
 		}
 	}
-	fmt.Fprintf(w, "\nissue 7 targets\n")
+	fmt.Fprintf(w, "\ntargets (issues 7 and 12)\n")
 	for _, t := range r.Targets {
 		fmt.Fprintf(w, "  %-4s %s at %s: %s (target %s %.2f)\n", mark(t), t.Name, t.Link, fmtRatio(t.Value, t.Known), cmp(t), t.Limit)
 	}
@@ -514,7 +591,7 @@ func (r *report) writeMarkdown(w io.Writer, res *results) {
 			fmt.Fprintf(w, "- %s %s: %s\n", p.Link, p.Workload, p.describe())
 		}
 	}
-	fmt.Fprintf(w, "\n| issue 7 target | link | measured | target | |\n|---|---|--:|--:|---|\n")
+	fmt.Fprintf(w, "\n| target (issues 7 and 12) | link | measured | target | |\n|---|---|--:|--:|---|\n")
 	for _, t := range r.Targets {
 		fmt.Fprintf(w, "| %s | %s | %s | %s %.2f | %s |\n", t.Name, t.Link, fmtRatio(t.Value, t.Known), cmp(t), t.Limit, mark(t))
 	}

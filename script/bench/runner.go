@@ -122,22 +122,42 @@ type bench struct {
 	// passthrough as the daemon reported it.
 	passthrough *bool
 	peers       map[string]peerSpec // by name
+	// stargz is the built-in peer, nil when not measured.
+	stargz *stargzPeer
 }
 
-func (b *bench) ref(link, tag string) string {
+func (b *bench) ref(link, repo, tag string) string {
 	return b.proxies[link].Addr() + "/" + repo + ":" + tag
 }
 
-// reset gives a node that has never pulled anything, with cold caches.
-func (b *bench) reset(ctx context.Context) error {
+// reset gives a node that has never pulled anything, with cold caches,
+// for a run on snapshotter sn.
+func (b *bench) reset(ctx context.Context, sn string) error {
 	b.prog.step("fresh containerd and lazycas roots")
 	if err := b.env.ResetNode(ctx); err != nil {
 		return err
 	}
+	// The built-in peer is stopped after every run (its background fetch
+	// would use the link during the next one) and starts on an empty root
+	// for its own runs.
+	if b.stargz != nil {
+		if err := b.stargz.stopAndEmpty(); err != nil {
+			return err
+		}
+		if sn == stargzName {
+			b.prog.step("stargz-snapshotter on an empty root")
+			if err := b.stargz.start(ctx); err != nil {
+				return err
+			}
+		}
+	}
 	// The new containerd knows nothing of the snapshots the last one made
 	// on a peer; left there, a pull would find them. The peer's own
 	// caches stay: the benchmark cannot reach them.
-	for _, p := range b.peers {
+	for name, p := range b.peers {
+		if b.stargz != nil && name == stargzName {
+			continue
+		}
 		if _, err := removePeerSnapshots(ctx, p); err != nil {
 			return err
 		}
@@ -186,16 +206,23 @@ func (b *bench) lazyFigures(ctx context.Context, s sample) error {
 	return nil
 }
 
-// coldRun pulls python:estargz onto a new node and runs workload wl.
-func (b *bench) coldRun(ctx context.Context, link, wl, sn string) (sample, error) {
+// coldRun pulls workload wl's image onto a new node and runs it; series is
+// a snapshotter, or lazycas@stargz-image.
+func (b *bench) coldRun(ctx context.Context, link, wl, series string) (sample, error) {
 	if wl == wlSecond {
-		return b.secondRun(ctx, link, sn)
+		return b.secondRun(ctx, link, series)
 	}
-	if err := b.reset(ctx); err != nil {
+	sn := snapshotterOf(series)
+	if err := b.reset(ctx, sn); err != nil {
 		return nil, err
 	}
+	w := coldWorkloads[wl]
+	tag := tagPython
+	if peerImage(series) {
+		tag = tagStargz
+	}
 	px := b.proxies[link]
-	ref := b.ref(link, tagPython)
+	ref := b.ref(link, w.repo, tag)
 	c0 := px.counters()
 	b.prog.step("pull")
 	t0 := time.Now()
@@ -205,8 +232,7 @@ func (b *bench) coldRun(ctx context.Context, link, wl, sn string) (sample, error
 	}
 	pulled := time.Now()
 	b.prog.step("run")
-	args, want := coldArgs(wl)
-	r, err := runContainer(ctx, b.env, sn, img, want, args...)
+	r, err := runContainer(ctx, b.env, sn, img, w.want, w.args...)
 	if err != nil {
 		return nil, err
 	}
@@ -225,11 +251,11 @@ func (b *bench) coldRun(ctx context.Context, link, wl, sn string) (sample, error
 // secondRun runs python:estargz, waits until the node holds it whole, and
 // then measures python:app-zstd, which shares its base files.
 func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) {
-	if err := b.reset(ctx); err != nil {
+	if err := b.reset(ctx, sn); err != nil {
 		return nil, err
 	}
 	px := b.proxies[link]
-	refA, refB := b.ref(link, tagPython), b.ref(link, tagApp)
+	refA, refB := b.ref(link, repoPython, tagPython), b.ref(link, repoPython, tagApp)
 	s := sample{}
 	b.prog.step("pull and run the first image")
 	t0 := time.Now()
@@ -278,7 +304,7 @@ func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) 
 	s.breakdown(pulled, r)
 	b.net(s, px, c0)
 	s[mBytesAll] = s[mBytes]
-	s[mNewBytes] = float64(b.images[tagApp].NewFileBytes)
+	s[mNewBytes] = float64(b.images[imageKey(repoPython, tagApp)].NewFileBytes)
 	if sn == snLazycas {
 		b.prog.step("wait for the second image's background fetch")
 		st, err := waitFetched(ctx, b.env, refB)
@@ -309,10 +335,10 @@ func (b *bench) secondRun(ctx context.Context, link, sn string) (sample, error) 
 // warmPhase pulls python:big-estargz, makes it local (lazycas: waits for
 // the background fetch), then takes runs samples of the warm figures.
 func (b *bench) warmPhase(ctx context.Context, link, sn string, runs int, c *cell) error {
-	if err := b.reset(ctx); err != nil {
+	if err := b.reset(ctx, sn); err != nil {
 		return err
 	}
-	ref := b.ref(link, tagBig)
+	ref := b.ref(link, repoPython, tagBig)
 	b.prog.step("pull")
 	img, err := b.pull(ctx, sn, ref)
 	if err != nil {
@@ -417,10 +443,10 @@ func (b *bench) profileWalks(ctx context.Context, link string) []profileRun {
 	fail := func(wl string, err error) []profileRun {
 		return []profileRun{{Link: link, Workload: wl, Error: err.Error()}}
 	}
-	if err := b.reset(ctx); err != nil {
+	if err := b.reset(ctx, snLazycas); err != nil {
 		return fail("walks", err)
 	}
-	ref := b.ref(link, tagPython)
+	ref := b.ref(link, repoPython, tagPython)
 	img, err := b.pull(ctx, snLazycas, ref)
 	if err != nil {
 		return fail("walks", err)

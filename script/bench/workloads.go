@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,34 +20,127 @@ import (
 	"github.com/lazycas/lazycas/integration/testenv"
 )
 
-// Snapshotters compared: containerd's own overlayfs (full pull, unpack)
-// and lazycas.
+// Snapshotters compared: containerd's own overlayfs (full pull, unpack),
+// lazycas on the images it converted, and lazycas on the images converted
+// the way stargz-snapshotter's tools convert them (an eStargz made by
+// another tool is the common case). The peers follow (stargz, built in,
+// and -peer ones); a peer pulls the stargz-converted images.
 const (
-	snOverlay = "overlayfs"
-	snLazycas = testenv.Snapshotter
+	snOverlay     = "overlayfs"
+	snLazycas     = testenv.Snapshotter
+	snLazycasPeer = snLazycas + "@stargz-image"
 )
 
-var snapshotters = []string{snOverlay, snLazycas}
+var snapshotters = []string{snOverlay, snLazycas, snLazycasPeer}
+
+// snapshotterOf is the containerd snapshotter a series runs on.
+func snapshotterOf(series string) string {
+	if series == snLazycasPeer {
+		return snLazycas
+	}
+	return series
+}
+
+// peerImage reports whether a series pulls the stargz-converted images.
+func peerImage(series string) bool { return series != snOverlay && series != snLazycas }
 
 // Workloads. The cold ones run on a node that has never pulled anything;
 // "warm" runs after the image is local.
 const (
-	wlPrint  = "print"
-	wlImport = "import"
-	wlRead   = "readall"
-	wlSecond = "second"
-	wlWarm   = "warm"
+	wlPrint     = "print"
+	wlImportFew = "import-few"
+	wlImport    = "import-many"
+	wlGCC       = "gcc"
+	wlShell     = "shell"
+	wlServer    = "server"
+	wlRead      = "readall"
+	wlSecond    = "second"
+	wlWarm      = "warm"
+	oldWlImport = "import" // the name of import-many in results before issue 12
 )
 
-var allWorkloads = []string{wlPrint, wlImport, wlRead, wlSecond, wlWarm}
+// coldWorkload is a container started on a node that never pulled its
+// image: the time to its first output line is the figure.
+type coldWorkload struct {
+	repo string // the image: python, debian or gcc
+	desc string
+	args []string
+	want string // the first output line's prefix
+}
+
+var coldWorkloads = map[string]coldWorkload{
+	wlPrint: {repoPython, "python3 -c 'print(1)'", []string{"python3", "-c", "print(1)"}, "1"},
+	wlImportFew: {repoPython, "python3 importing " + strings.Join(fewModules, ", "),
+		[]string{"python3", "-c", "import " + strings.Join(fewModules, ", ") + "; print('imported', " + fmt.Sprint(len(fewModules)) + ")"},
+		"imported " + fmt.Sprint(len(fewModules))},
+	wlImport: {repoPython, fmt.Sprintf("python3 importing %d stdlib modules", len(importModules)),
+		append([]string{"python3", "-c", importScript}, importModules...),
+		fmt.Sprintf("imported %d of %d", len(importModules), len(importModules))},
+	wlGCC: {repoGCC, "gcc -O2 compiles and links hello-world (Debian gcc + libc6-dev), which then runs",
+		[]string{"sh", "-c", gccScript}, "hello, world"},
+	wlShell: {repoDebian, "a sh script (Debian minbase) running coreutils, grep and du over the image's own files",
+		[]string{"sh", "-c", shellScript}, "shell: "},
+	wlServer: {repoPython, "python3 -m http.server starts; first line of its answer to a client in the container (bash /dev/tcp)",
+		[]string{"bash", "-c", serverScript}, "HTTP/1.0 200"},
+	wlRead: {repoPython, "read every file of the rootfs (python os.scandir + read)",
+		[]string{"python3", "-c", readAllScript}, "read "},
+}
+
+// coldOrder is the order of the cold workloads in tables and plots.
+var coldOrder = []string{wlPrint, wlImportFew, wlImport, wlGCC, wlShell, wlServer, wlRead}
+
+var allWorkloads = append(slices.Clone(coldOrder), wlSecond, wlWarm)
+
+// defaultWorkloads are make bench's: every cold workload, then second and
+// warm.
+var defaultWorkloads = allWorkloads
 
 var workloadDesc = map[string]string{
-	wlPrint:  "python3 -c 'print(1)'",
-	wlImport: "python3 importing 100+ stdlib modules",
-	wlRead:   "read every file of the rootfs (python os.scandir + read)",
 	wlSecond: "python:app-zstd (zstd:chunked: the same base files in other blobs, plus an app layer of 100 modules and 16 MiB of data) after python:estargz ran and is local; the app imports its modules and lists its data; then, page cache dropped, a container of each image reads /usr/bin/python3.11 and the page cache of every copy of it is measured",
 	wlWarm:   "image local: sequential read of a 128 MiB file (page cache dropped, then hot), find / -xdev, stat of every entry",
 }
+
+func init() {
+	for n, w := range coldWorkloads {
+		workloadDesc[n] = w.desc
+	}
+}
+
+// fewModules are the handful of modules of import-few: what a small
+// command-line tool imports.
+var fewModules = strings.Fields("argparse json logging subprocess urllib.request datetime pathlib socket")
+
+const gccScript = `printf '#include <stdio.h>\nint main(void) { puts("hello, world"); return 0; }\n' > /tmp/hello.c &&
+gcc -O2 -o /tmp/hello /tmp/hello.c && /tmp/hello`
+
+// shellScript runs a dozen programs, reads small text files, hashes a few
+// binaries and walks /usr/lib's metadata.
+const shellScript = `set -e
+n=$(ls /usr/share/doc | wc -l)
+c=$(cat /usr/share/doc/*/copyright 2>/dev/null | wc -l)
+s=$(md5sum /bin/ls /bin/cp /usr/bin/sort /usr/bin/find | cut -c1-8 | sort | tr '\n' ' ')
+d=$(du -sk /usr/lib | cut -f1)
+u=$(grep -c . /etc/passwd)
+h=$(head -c 64 /etc/services | tr -d '\n' | wc -c)
+echo "shell: $n packages, $c copyright lines, /usr/lib $d KiB, $u users, $h, $s"
+`
+
+// serverScript starts python's http.server and, as a client inside the
+// container (it has a network namespace of its own), asks it for / once it
+// accepts connections (polled every 20 ms, for at most 60 s); the first
+// line of the answer is the first output.
+const serverScript = `python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
+i=0
+until (: </dev/tcp/127.0.0.1/8000) 2>/dev/null; do
+  i=$((i+1)); [ $i -lt 3000 ] || { echo "http.server never accepted" >&2; exit 1; }
+  sleep 0.02
+done
+exec 3<>/dev/tcp/127.0.0.1/8000
+printf 'GET / HTTP/1.0\r\n\r\n' >&3
+IFS= read -r line <&3
+echo "$line"
+kill $!
+`
 
 // importModules are the modules of the import workload; all are in
 // Debian's python3.11 stdlib packages.
@@ -147,16 +241,11 @@ print("RESULT", n, time.perf_counter() - t)
 // coldArgs are the container's command and the prefix its first output
 // line must have.
 func coldArgs(wl string) (args []string, want string) {
-	switch wl {
-	case wlPrint:
-		return []string{"python3", "-c", "print(1)"}, "1"
-	case wlImport:
-		return append([]string{"python3", "-c", importScript}, importModules...),
-			fmt.Sprintf("imported %d of %d", len(importModules), len(importModules))
-	case wlRead:
-		return []string{"python3", "-c", readAllScript}, "read "
+	w, ok := coldWorkloads[wl]
+	if !ok {
+		panic("no cold command for " + wl)
 	}
-	panic("no cold command for " + wl)
+	return w.args, w.want
 }
 
 var appArgs = []string{"python3", "/app/main.py"}
