@@ -3,6 +3,7 @@ package main
 import (
 	"flag"
 	"io"
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -112,5 +113,50 @@ func TestReportColumnsWithPeers(t *testing.T) {
 	}
 	if rss == nil || rss[4] != "30" || rss[2] != "—" || rss[7] != "—" {
 		t.Errorf("peer RSS row %v: the peer's figure only, no ratio", rss)
+	}
+}
+
+func TestPeerTargetsCompareTheSameImage(t *testing.T) {
+	res := &results{}
+	add := func(link, wl, sn string, first, bytes float64) {
+		res.cell(link, wl, sn).add(sample{mFirst: first, mBytes: bytes})
+	}
+	for _, l := range []string{"100mbit-0ms", "100mbit-20ms"} {
+		add(l, wlPrint, snOverlay, 10, 70e6)
+		add(l, wlPrint, snLazycas, 0.5, 5e6) // not the image stargz pulls
+		add(l, wlPrint, snLazycasPeer, 1.0, 6e6)
+		add(l, wlPrint, stargzName, 2.0, 6e6)
+	}
+	add("100mbit-0ms", wlImportFew, snOverlay, 10, 70e6)
+	add("100mbit-0ms", wlImportFew, snLazycasPeer, 3.0, 20e6)
+	add("100mbit-0ms", wlImportFew, stargzName, 2.0, 10e6)
+	r := &report{Links: []linkSpec{{Name: "100mbit-0ms"}, {Name: "100mbit-20ms"}}, Peers: []peerSpec{{stargzName, "/s.sock", labelsCRI}}}
+	r.finish(res)
+	if cols := r.columns(); !slices.Equal(cols, []string{snOverlay, snLazycas, snLazycasPeer, stargzName}) {
+		t.Fatalf("columns %v", cols)
+	}
+	got := map[string]target{}
+	for _, tg := range r.peerTargets() {
+		got[tg.Link+" "+tg.Name] = tg
+	}
+	for _, tc := range []struct {
+		key string
+		v   float64
+		met bool
+	}{
+		{"100mbit-0ms print: first output, lazycas@stargz-image/stargz", 0.5, true},
+		{"100mbit-0ms print: registry bytes to exit, lazycas@stargz-image/stargz", 1.0, true},
+		{"100mbit-0ms import-few: first output, lazycas@stargz-image/stargz", 1.5, false},
+		{"100mbit-0ms import-few: registry bytes to exit, lazycas@stargz-image/stargz", 2.0, false},
+		{"all median over 3 cells of first output, lazycas@stargz-image/stargz", 0.5, true},
+	} {
+		tg, ok := got[tc.key]
+		if !ok {
+			t.Errorf("no target %q in %v", tc.key, got)
+			continue
+		}
+		if math.Abs(tg.Value-tc.v) > 1e-9 || tg.Met != tc.met || !tg.Known {
+			t.Errorf("%s = %.3f met %v, want %.3f met %v", tc.key, tg.Value, tg.Met, tc.v, tc.met)
+		}
 	}
 }
