@@ -10,9 +10,9 @@
 //	                        written before that encoding, still read)
 //	layers/<key>/dirents    parent inode (8 bytes BE) + name -> inode (8) + type (1)
 //
-// A layer is written in several transactions (a TOC may hold 100k entries);
-// a layer whose info is not Complete was cut off mid-write and is deleted by
-// whoever finds it.
+// A layer is written in one transaction, or in several when its TOC is
+// large (100k entries); a layer whose info is not Complete was cut off
+// mid-write and is deleted by whoever finds it.
 package metadata
 
 import (
@@ -121,9 +121,10 @@ var (
 	keyInfo       = []byte("info")
 )
 
-// batch is how many records one write transaction takes: one transaction
-// per entry is far too slow for large TOCs, one for all holds too much.
-const batch = 5000
+// batch is how many records (nodes and dirents) one write transaction
+// takes: one transaction per entry is far too slow for large TOCs, one for
+// all of a 100k-entry TOC holds too much in memory.
+const batch = 20000
 
 // DB is the metadata database.
 type DB struct {
@@ -181,59 +182,59 @@ func (d *DB) Put(key string, info LayerInfo, nodes []*Node, dirents []Dirent) er
 		}
 		d.mu.Unlock()
 	}()
-	if err := d.Delete(key); err != nil {
-		return err
-	}
-	info.Complete = false
 	info.Nodes = len(nodes)
 	if info.Created.IsZero() {
 		info.Created = time.Now()
 	}
-	if err := d.db.Update(func(tx *bolt.Tx) error {
-		lb, err := tx.Bucket(bucketLayers).CreateBucket([]byte(key))
+	// Records are written in transactions of up to batch records; the
+	// first also replaces an earlier layer under key, the last marks it
+	// Complete. A layer of up to batch records (nodes plus dirents: most
+	// layers) is one transaction, one fsync: the mount waits for it.
+	total := len(nodes) + len(dirents)
+	for done, first := 0, true; first || done < total; first = false {
+		n := min(batch, total-done)
+		last := done+n == total
+		err := d.db.Update(func(tx *bolt.Tx) error {
+			layers := tx.Bucket(bucketLayers)
+			lb := layers.Bucket([]byte(key))
+			if first {
+				if err := layers.DeleteBucket([]byte(key)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+					return err
+				}
+				var err error
+				if lb, err = layers.CreateBucket([]byte(key)); err != nil {
+					return err
+				}
+				for _, b := range [][]byte{bucketNodes, bucketDirents} {
+					if _, err := lb.CreateBucket(b); err != nil {
+						return err
+					}
+				}
+			} else if lb == nil {
+				return ErrNotFound
+			}
+			nb, db := lb.Bucket(bucketNodes), lb.Bucket(bucketDirents)
+			for i := done; i < done+n; i++ {
+				if i < len(nodes) {
+					if err := nb.Put(u64(nodes[i].ID), encodeNode(nil, nodes[i])); err != nil {
+						return err
+					}
+					continue
+				}
+				e := dirents[i-len(nodes)]
+				if err := db.Put(direntKey(e.Parent, e.Name), append(u64(e.ID), byte(e.Type))); err != nil {
+					return err
+				}
+			}
+			info.Complete = last
+			return putInfo(lb, info)
+		})
 		if err != nil {
-			return err
+			return fmt.Errorf("metadata: layer %s: %w", key, err)
 		}
-		for _, b := range [][]byte{bucketNodes, bucketDirents} {
-			if _, err := lb.CreateBucket(b); err != nil {
-				return err
-			}
-		}
-		return putInfo(lb, info)
-	}); err != nil {
-		return fmt.Errorf("metadata: layer %s: %w", key, err)
+		done += n
 	}
-	for i := 0; i < len(nodes); i += batch {
-		chunk := nodes[i:min(i+batch, len(nodes))]
-		if err := d.update(key, func(lb *bolt.Bucket) error {
-			nb := lb.Bucket(bucketNodes)
-			for _, n := range chunk {
-				if err := nb.Put(u64(n.ID), encodeNode(nil, n)); err != nil {
-					return err
-				}
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-	}
-	for i := 0; i < len(dirents); i += batch {
-		chunk := dirents[i:min(i+batch, len(dirents))]
-		if err := d.update(key, func(lb *bolt.Bucket) error {
-			db := lb.Bucket(bucketDirents)
-			for _, e := range chunk {
-				v := append(u64(e.ID), byte(e.Type))
-				if err := db.Put(direntKey(e.Parent, e.Name), v); err != nil {
-					return err
-				}
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-	}
-	info.Complete = true
-	return d.update(key, func(lb *bolt.Bucket) error { return putInfo(lb, info) })
+	return nil
 }
 
 func putInfo(lb *bolt.Bucket, info LayerInfo) error {
