@@ -35,7 +35,10 @@ const (
 	maxTails = 64
 )
 
-// tail is the end of a layer blob, being read or read.
+// tail is the end of a layer blob, being read or read. When the manifest
+// pinned its TOC, the TOC is also checked and its tree built ahead, so the
+// mount only records and serves it: an image's layers are decoded in
+// parallel, not one Prepare after the other.
 type tail struct {
 	done    chan struct{}
 	repo    string // ref without tag or digest: only a mount of this repository takes it
@@ -43,23 +46,37 @@ type tail struct {
 	blob    *remote.Blob
 	buf     []byte
 	err     error
+
+	pin  layer.Pin // zero when the manifest was not at hand
+	toc  *layer.TOC
+	tree *layer.Tree // nil when not built ahead (no pin, or a bad TOC: the mount says why)
 }
 
 // readTOC opens the layer blob and reads its verified TOC, from a tail read
-// ahead for it if there is one.
-func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin) (*remote.Blob, *layer.TOC, error) {
-	b, buf, err := f.openTail(ctx, ref, desc)
+// ahead for it if there is one. tree is the TOC's tree when it was built
+// ahead against the same pin, else nil.
+func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin) (_ *remote.Blob, _ *layer.TOC, tree *layer.Tree, _ error) {
+	t, err := f.openTail(ctx, ref, desc)
 	if err != nil {
-		return nil, nil, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
+		return nil, nil, nil, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
 	}
-	toc, err := layer.ReadTOC(ctx, tailReader{b, buf, b.Size() - int64(len(buf))}, b.Size(), pin)
+	if t.tree != nil && t.pin == pin {
+		return t.blob, t.toc, t.tree, nil
+	}
+	toc, err := layer.ReadTOC(ctx, t.reader(), t.blob.Size(), pin)
 	if err != nil {
-		return nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		return nil, nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
-	return b, toc, nil
+	return t.blob, toc, nil, nil
 }
 
-func (f *FileSystem) openTail(ctx context.Context, ref string, desc ocispec.Descriptor) (*remote.Blob, []byte, error) {
+// reader reads the blob, from the tail in memory where it has the bytes.
+func (t *tail) reader() tailReader {
+	return tailReader{t.blob, t.buf, t.blob.Size() - int64(len(t.buf))}
+}
+
+// openTail returns the tail read ahead for desc, or reads it now.
+func (f *FileSystem) openTail(ctx context.Context, ref string, desc ocispec.Descriptor) (*tail, error) {
 	f.tailMu.Lock()
 	t := f.tails[desc.Digest]
 	if t != nil && t.repo == repoOf(ref) {
@@ -72,51 +89,50 @@ func (f *FileSystem) openTail(ctx context.Context, ref string, desc ocispec.Desc
 		select {
 		case <-t.done:
 		case <-ctx.Done():
-			return nil, nil, ctx.Err()
+			return nil, ctx.Err()
 		}
 		if t.err == nil && (desc.Size == 0 || desc.Size == t.blob.Size()) {
-			return t.blob, t.buf, nil
+			return t, nil
 		}
 	}
-	return f.fetcher.OpenTail(ctx, ref, desc, tailSize)
+	b, buf, err := f.fetcher.OpenTail(ctx, ref, desc, tailSize)
+	if err != nil {
+		return nil, err
+	}
+	return &tail{blob: b, buf: buf}, nil
 }
 
 // layersAbove lists the layers of the image above the one being mounted:
-// from CRI's and nerdctl's image-layers label (a layer and those above it),
-// or else from the image's manifest in containerd.
-func (f *FileSystem) layersAbove(ctx context.Context, labels map[string]string, layer, manifest digest.Digest) []digest.Digest {
-	var above []digest.Digest
+// from the image's manifest in containerd, whose annotations pin their
+// TOCs, or else from CRI's and nerdctl's image-layers label (a layer and
+// those above it; digests only).
+func (f *FileSystem) layersAbove(ctx context.Context, labels map[string]string, layer, manifest digest.Digest) []ocispec.Descriptor {
+	if f.opts.Images != nil && manifest.Validate() == nil {
+		if layers, _, err := f.opts.Images.Image(ctx, manifest); err == nil {
+			for i, l := range layers {
+				if l.Digest == layer {
+					return layers[i+1:]
+				}
+			}
+		}
+	}
+	var above []ocispec.Descriptor
 	if v := labels[snapshot.LabelImageLayers]; v != "" {
 		for _, s := range strings.Split(v, ",")[1:] {
 			if d, err := digest.Parse(strings.TrimSpace(s)); err == nil {
-				above = append(above, d)
+				above = append(above, ocispec.Descriptor{Digest: d})
 			}
-		}
-		return above
-	}
-	if f.opts.Images == nil || manifest.Validate() != nil {
-		return nil
-	}
-	layers, _, err := f.opts.Images.Image(ctx, manifest)
-	if err != nil {
-		return nil
-	}
-	for i, l := range layers {
-		if l.Digest == layer {
-			for _, a := range layers[i+1:] {
-				above = append(above, a.Digest)
-			}
-			break
 		}
 	}
 	return above
 }
 
 // readAheadTails starts reading the tails of the layers above the one
-// being mounted: containerd prepares them one after the other, and each
-// then finds its TOC fetched, so an image's TOCs cost about one round trip
-// instead of one per layer.
-func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []digest.Digest) {
+// being mounted, and decoding their TOCs where the manifest pins them:
+// containerd prepares them one after the other, and each then finds its
+// TOC fetched and its tree built, so an image's TOCs cost about one round
+// trip and one layer's decoding instead of one of each per layer.
+func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []ocispec.Descriptor) {
 	if len(above) == 0 {
 		return
 	}
@@ -134,11 +150,13 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []dig
 			delete(f.tails, d)
 		}
 	}
-	for _, d := range above {
+	for _, desc := range above {
+		d := desc.Digest
 		if mounted[d] || f.tails[d] != nil || len(f.tails) >= maxTails {
 			continue
 		}
 		t := &tail{done: make(chan struct{}), repo: repoOf(ref), started: time.Now()}
+		pin, pinned := layer.PinFromAnnotations(desc.Annotations)
 		f.tails[d] = t
 		go func() {
 			defer close(t.done)
@@ -149,7 +167,22 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []dig
 			t.blob, t.buf, t.err = readWholeTOC(tctx, f.fetcher, ref, d)
 			if t.err != nil {
 				log.G(ctx).WithError(t.err).WithField("layer", d).Debug("read ahead a layer's tail")
+				return
 			}
+			if !pinned {
+				return
+			}
+			toc, err := layer.ReadTOC(tctx, t.reader(), t.blob.Size(), pin)
+			if err == nil {
+				t.tree, err = layer.Build(toc)
+			}
+			if err != nil {
+				// The mount reads it again and fails with the reason.
+				t.tree = nil
+				log.G(ctx).WithError(err).WithField("layer", d).Debug("decode a layer's TOC ahead")
+				return
+			}
+			t.toc, t.pin = toc, pin
 		}()
 	}
 }

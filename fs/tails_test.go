@@ -109,3 +109,63 @@ func TestReadAheadCompletesALargeTOC(t *testing.T) {
 	}
 	mustRead(t, filepath.Join(mp, many[1234].Hdr.Name), many[1234].Data)
 }
+
+// TestUpperLayersAreDecodedAhead: when the manifest in containerd pins the
+// TOCs of the layers above the one being mounted, their TOCs are checked
+// and their trees built before containerd prepares them; a mount uses a
+// tree built ahead only for the pin its own labels give.
+func TestUpperLayersAreDecodedAhead(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		manifestPin  func(right digest.Digest) digest.Digest
+		labelPin     func(right digest.Digest) digest.Digest
+		decodedAhead bool
+		mounts       bool
+	}{
+		{"pinned by the manifest", func(d digest.Digest) digest.Digest { return d }, func(d digest.Digest) digest.Digest { return d }, true, true},
+		{"the manifest's pin is wrong", func(digest.Digest) digest.Digest { return digest.FromString("other") }, func(d digest.Digest) digest.Digest { return d }, false, true},
+		{"the labels pin another TOC", func(d digest.Digest) digest.Digest { return d }, func(digest.Digest) digest.Digest { return digest.FromString("other") }, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			im := &images{manifest: digest.FromString("manifest")}
+			e := newEnv(t, Options{Images: im}, remote.Options{})
+			var blobs []*testlayer.Blob
+			for i, name := range []string{"a", "b"} {
+				b := testlayer.Build(t, testlayer.Tar(t, []testlayer.Entry{
+					testlayer.File(name, []byte(strings.Repeat(name, 1000+i)), 0o644),
+				}), layer.FormatEStargz, testlayer.BuildOptions{})
+				e.reg.Push(t, b)
+				blobs = append(blobs, b)
+				right := digest.Digest(e.reg.Labels(b)[layer.AnnotationTOCDigest])
+				im.layers = append(im.layers, ocispec.Descriptor{Digest: b.Digest, Size: int64(len(b.Data)),
+					Annotations: map[string]string{layer.AnnotationTOCDigest: tc.manifestPin(right).String()}})
+			}
+			labels := e.reg.Labels(blobs[0])
+			labels[snapshot.LabelManifestDigest] = im.manifest.String()
+			if err := e.fs.Mount(e.ctx, "a", e.mountpoint("a"), labels); err != nil {
+				t.Fatal(err)
+			}
+			e.fs.tailMu.Lock()
+			ahead := e.fs.tails[blobs[1].Digest]
+			e.fs.tailMu.Unlock()
+			if ahead == nil {
+				t.Fatal("the layer above was not read ahead")
+			}
+			<-ahead.done
+			if got := ahead.tree != nil; got != tc.decodedAhead {
+				t.Fatalf("decoded ahead: %v, want %v", got, tc.decodedAhead)
+			}
+			labels = e.reg.Labels(blobs[1])
+			labels[layer.AnnotationTOCDigest] = tc.labelPin(digest.Digest(labels[layer.AnnotationTOCDigest])).String()
+			labels[snapshot.LabelManifestDigest] = im.manifest.String()
+			mp := e.mountpoint("b")
+			err := e.fs.Mount(e.ctx, "b", mp, labels)
+			if (err == nil) != tc.mounts {
+				t.Fatalf("mount: %v, want it to succeed: %v", err, tc.mounts)
+			}
+			if err == nil {
+				mustRead(t, mp+"/b", []byte(strings.Repeat("b", 1001)))
+			}
+		})
+	}
+}
