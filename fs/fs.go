@@ -129,6 +129,12 @@ type mounted struct {
 	demandN   atomic.Int64 // files readers opened, and their compressed bytes:
 	demandB   atomic.Int64 // dense reads start streaming the layer (stream.go)
 	streaming atomic.Bool
+	// Readahead's guesses: neighbour files it brought (specIDs: inode ->
+	// compressed size, until a reader opens one) and their bytes, and the
+	// bytes of those readers then opened; their ratio sizes its windows.
+	specIDs   sync.Map
+	specBytes atomic.Int64
+	specRead  atomic.Int64
 	winMu     sync.Mutex
 	windows   []*window // recent readahead and group windows, newest last
 	spansOnce sync.Once

@@ -89,7 +89,7 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	}
 	link := linkOf(b)
 	m.fs.trimSpeculation(link)
-	span := plan.Readahead(link)
+	span := plan.Readahead(link, plan.Useful(m.specBytes.Load(), m.specRead.Load()))
 	if end-start >= span {
 		return m.ensure(ctx, n, nil)
 	}
@@ -145,7 +145,7 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	}()
 	go func() {
 		defer m.wg.Done()
-		m.sealFrom(w, more)
+		m.sealFrom(w, more, true)
 	}()
 	return m.ensure(ctx, n, pre)
 }
@@ -159,8 +159,9 @@ func (m *mounted) worthFetching(id uint64, n *metadata.Node) bool {
 }
 
 // sealFrom seals the files ids of window w as its bytes arrive, skipping
-// those it does not get (trimmed) and those the store has.
-func (m *mounted) sealFrom(w *window, ids []uint64) {
+// those it does not get (trimmed) and those the store has. speculative
+// counts them as readahead's guesses, whose reads tune its windows.
+func (m *mounted) sealFrom(w *window, ids []uint64, speculative bool) {
 	pre := &prefetched{win: w, next: noFetch{}, reader: true}
 	for _, id := range ids {
 		if m.bg.Err() != nil {
@@ -176,7 +177,23 @@ func (m *mounted) sealFrom(w *window, ids []uint64) {
 		}
 		if err := m.ensure(m.bg, o, pre); err != nil {
 			log.L.WithError(err).WithField("inode", id).Debug("readahead")
+			continue
 		}
+		if speculative {
+			m.speculated(o, end-off)
+		}
+	}
+}
+
+// speculated notes that readahead brought n (size compressed bytes)
+// without a reader asking; a reader's first open of it later counts it
+// read (opened).
+func (m *mounted) speculated(n *metadata.Node, size int64) {
+	if _, opened := m.openedIDs.Load(n.ID); opened {
+		return
+	}
+	if _, dup := m.specIDs.LoadOrStore(n.ID, size); !dup {
+		m.specBytes.Add(size)
 	}
 }
 

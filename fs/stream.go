@@ -28,6 +28,9 @@ func (m *mounted) opened(n *metadata.Node) {
 	if _, seen := m.openedIDs.LoadOrStore(n.ID, struct{}{}); seen {
 		return
 	}
+	if size, ok := m.specIDs.LoadAndDelete(n.ID); ok {
+		m.specRead.Add(size.(int64))
+	}
 	off, end := blobSpan(n)
 	k, b := m.demandN.Add(1), m.demandB.Add(end-off)
 	if m.streaming.Load() || !plan.Density(int(k), b, len(m.spans()), m.meta.Info.Size) {
@@ -67,7 +70,7 @@ func (m *mounted) stream(ctx context.Context) {
 	go func() {
 		defer close(sealed)
 		for j := range jobs {
-			m.sealFrom(j.w, j.ids)
+			m.sealFrom(j.w, j.ids, false)
 		}
 	}()
 	var bytes int64

@@ -47,13 +47,33 @@ const (
 )
 
 // Readahead is how many bytes past a missed file (or before it, for
-// backward reads) one demand fetch also asks for.
-func Readahead(l Link) int64 {
+// backward reads) one demand fetch also asks for. useful is the fraction
+// of the speculative bytes readers went on to read (Useful): a neighbour
+// saves its round trip only when it is read, so the window is the
+// bandwidth-delay product scaled by that chance.
+func Readahead(l Link, useful float64) int64 {
 	if !l.Known() {
 		return UnknownReadahead
 	}
-	return clamp(l.BDP(), MinReadahead, MaxReadahead)
+	useful = max(MinUseful, min(useful, 1))
+	return clamp(int64(float64(l.BDP())*useful), MinReadahead, MaxReadahead)
 }
+
+// Useful estimates the chance that a speculative byte is read from the
+// bytes fetched speculatively so far and those of them read: a prior of
+// one half, worth PriorBytes, until a layer's own reads outweigh it.
+func Useful(speculated, read int64) float64 {
+	u := (float64(read) + PriorUseful*PriorBytes) / (float64(speculated) + PriorBytes)
+	return max(MinUseful, min(u, 1))
+}
+
+// Usefulness prior and floor: below the floor a window still saves the
+// round trips of neighbours read together (a package's modules).
+const (
+	PriorUseful = 0.5
+	PriorBytes  = 1 << 20
+	MinUseful   = 0.25
+)
 
 // Stream request bounds: a layer read through is streamed in requests of
 // at least MinStream bytes, longer on links whose round trip would

@@ -131,8 +131,10 @@ func TestReadaheadAdaptsToTheLink(t *testing.T) {
 		l := simLinks[name]
 		exact := simulate(l, files, trace, fixed(0))
 		old := simulate(l, files, trace, fixed(512<<10))
-		got := simulate(l, files, trace, Readahead)
-		t.Logf("%-13s window %4d KiB: adaptive %s; exact %s; fixed 512 KiB %s", name, Readahead(l)>>10, got, exact, old)
+		// The trace reads about two thirds of a run's neighbours.
+		window := func(l Link) int64 { return Readahead(l, 2.0/3) }
+		got := simulate(l, files, trace, window)
+		t.Logf("%-13s window %4d KiB: adaptive %s; exact %s; fixed 512 KiB %s", name, window(l)>>10, got, exact, old)
 		best := min(exact.time, old.time)
 		if got.time > best+best/10 {
 			t.Errorf("%s: adaptive readahead takes %v, more than 1.1 x the best fixed choice's %v", name, got.time, best)
@@ -161,7 +163,7 @@ func TestReadaheadBounds(t *testing.T) {
 		{"huge BDP is capped", Link{RTT: 200 * time.Millisecond, Bandwidth: 125e6}, MaxReadahead},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := Readahead(tc.l); got != tc.want {
+			if got := Readahead(tc.l, 1); got != tc.want {
 				t.Errorf("Readahead(%+v) = %d, want %d", tc.l, got, tc.want)
 			}
 		})
@@ -199,7 +201,7 @@ func TestDensity(t *testing.T) {
 func BenchmarkReadahead(b *testing.B) {
 	l := simLinks["100mbit-20ms"]
 	for b.Loop() {
-		_ = Readahead(l)
+		_ = Readahead(l, Useful(3<<20, 1<<20))
 	}
 }
 
@@ -210,10 +212,34 @@ func BenchmarkSimulatePythonTrace(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			var r simResult
 			for b.Loop() {
-				r = simulate(l, files, trace, Readahead)
+				r = simulate(l, files, trace, func(l Link) int64 { return Readahead(l, 2.0/3) })
 			}
 			b.ReportMetric(r.time.Seconds(), "model-s")
 			b.ReportMetric(float64(r.bytes)/1e6, "model-MB")
 		})
+	}
+}
+
+// Useful starts at the prior, follows what readers did once they did
+// enough, and never leaves [MinUseful, 1]; the window follows it.
+func TestUsefulFollowsReads(t *testing.T) {
+	for _, tc := range []struct {
+		name           string
+		spec, read     int64
+		atLeast, below float64
+	}{
+		{"nothing speculated yet", 0, 0, PriorUseful, PriorUseful + 1e-9},
+		{"all of 16 MiB read", 16 << 20, 16 << 20, 0.95, 1 + 1e-9},
+		{"none of 16 MiB read", 16 << 20, 0, MinUseful, MinUseful + 1e-9},
+		{"a quarter of 64 MiB read", 64 << 20, 16 << 20, MinUseful, 0.26},
+		{"a little data barely moves it", 64 << 10, 0, 0.45, PriorUseful},
+	} {
+		if u := Useful(tc.spec, tc.read); u < tc.atLeast || u >= tc.below {
+			t.Errorf("%s: Useful(%d, %d) = %.3f, want [%.3f, %.3f)", tc.name, tc.spec, tc.read, u, tc.atLeast, tc.below)
+		}
+	}
+	l := simLinks["100mbit-20ms"]
+	if lo, hi := Readahead(l, Useful(16<<20, 0)), Readahead(l, Useful(16<<20, 16<<20)); lo*3 > hi {
+		t.Errorf("window when nothing speculated was read %d, when all was %d: want about a quarter", lo, hi)
 	}
 }
