@@ -125,6 +125,7 @@ type mounted struct {
 	wg     sync.WaitGroup  // background completions of large files, readahead
 
 	lastMiss  atomic.Int64 // blob offset of the last file readahead fetched for
+	seq       seqReads     // a reader going through the blob in order
 	openedIDs sync.Map     // inodes readers opened, once each
 	demandN   atomic.Int64 // files readers opened, and their compressed bytes:
 	demandB   atomic.Int64 // dense reads start streaming the layer (stream.go)

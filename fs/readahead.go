@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sort"
+	"sync/atomic"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -90,7 +91,13 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	link := linkOf(b)
 	m.fs.trimSpeculation(link)
 	span := plan.Readahead(link, plan.Useful(m.specBytes.Load(), m.specRead.Load()))
+	// A reader going through the blob in order (a copy, a scan) misses
+	// right where the previous window ended: each such miss doubles the
+	// window, up to a stream request, so a scan soon moves long requests
+	// whose round trips hardly count instead of paying one per window.
+	span = m.seq.span(start, span, plan.StreamRequest(link))
 	if end-start >= span {
+		m.seq.ended(end)
 		return m.ensure(ctx, n, nil)
 	}
 	// Programs read a directory's files in either order (a walk popping
@@ -121,6 +128,9 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 			end = sp.end
 		}
 	}
+	if !backward {
+		m.seq.ended(end)
+	}
 	if len(more) == 0 {
 		return m.ensure(ctx, n, nil)
 	}
@@ -149,6 +159,29 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	}()
 	return m.ensure(ctx, n, pre)
 }
+
+// seqReads follows whether a layer's misses come one after the other in
+// the blob. Concurrent misses may interleave their updates: the run is a
+// heuristic, never a correctness matter.
+type seqReads struct {
+	end atomic.Int64 // where the last forward window ended; 0: none yet
+	run atomic.Int64 // misses in a row at end
+}
+
+// span is the window for a miss at blob offset start: base, doubled for
+// each miss in a row that came where the previous window ended (a gap of
+// up to groupGap allowed: a file the reader skipped), up to limit.
+func (s *seqReads) span(start, base, limit int64) int64 {
+	if prev := s.end.Load(); prev > 0 && start >= prev && start-prev <= groupGap {
+		run := min(s.run.Add(1), 16)
+		return max(base, min(base<<run, limit))
+	}
+	s.run.Store(0)
+	return base
+}
+
+// ended records where the window fetched for a forward miss ends.
+func (s *seqReads) ended(end int64) { s.end.Store(end) }
 
 // worthFetching reports whether the file id, a neighbour of the missed
 // file n, is worth fetching along with it: not when the store has its

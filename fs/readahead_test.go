@@ -66,3 +66,31 @@ func neighbours(t *testing.T) (*env, []testlayer.Entry, *testlayer.Blob, string)
 	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
 	return e, entries, blob, e.mount("small", blob)
 }
+
+// TestSequentialMissesGrowTheWindow: a miss where the previous window
+// ended (a copy, a scan) doubles the window, up to the limit; a miss
+// elsewhere starts again from the base; a skipped small file still counts
+// as in order.
+func TestSequentialMissesGrowTheWindow(t *testing.T) {
+	const base, limit = 64 << 10, 1 << 20
+	var s seqReads
+	off := int64(1000)
+	want := []int64{base, 2 * base, 4 * base, 8 * base, limit, limit}
+	for i, w := range want {
+		if i == 3 {
+			off += 10 << 10 // a skipped file
+		}
+		got := s.span(off, base, limit)
+		if got != w {
+			t.Fatalf("miss %d in order: window %d, want %d", i, got, w)
+		}
+		off += got
+		s.ended(off)
+	}
+	if got := s.span(off+10<<20, base, limit); got != base {
+		t.Errorf("a miss elsewhere: window %d, want %d", got, base)
+	}
+	if got := s.span(off-100<<10, base, limit); got != base {
+		t.Errorf("a miss behind the last window: window %d, want %d", got, base)
+	}
+}
