@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -273,22 +274,36 @@ func (e *Env) APISocket() string {
 // DaemonStats asks the daemon's API for its store and fetch figures.
 func (e *Env) DaemonStats(ctx context.Context) (lazyfs.Stats, error) {
 	var st lazyfs.Stats
+	body, err := e.DaemonAPI(ctx, http.MethodGet, service.APIStats, nil)
+	if err != nil {
+		return st, fmt.Errorf("daemon stats: %w", err)
+	}
+	return st, json.Unmarshal(body, &st)
+}
+
+// DaemonAPI calls the daemon's own API (method, path, body) and returns
+// the body of a 200 answer.
+func (e *Env) DaemonAPI(ctx context.Context, method, path string, body io.Reader) ([]byte, error) {
 	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", e.APISocket())
 		},
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazycas"+service.APIStats, nil)
+	req, err := http.NewRequestWithContext(ctx, method, "http://lazycas"+path, body)
 	if err != nil {
-		return st, err
+		return nil, err
 	}
 	resp, err := c.Do(req)
 	if err != nil {
-		return st, fmt.Errorf("daemon stats: %w", err)
+		return nil, err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return st, fmt.Errorf("daemon stats: %s", resp.Status)
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
 	}
-	return st, json.NewDecoder(resp.Body).Decode(&st)
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s %s: %s: %.300s", method, path, resp.Status, data)
+	}
+	return data, nil
 }

@@ -99,6 +99,11 @@ type imageInfo struct {
 	// image adds to python:estargz (0 for it).
 	NewFileBytes int64   `json:"newFileBytes,omitempty"`
 	ConvertSecs  float64 `json:"convertSeconds"`
+	// LayerDigests of the stargz-converted images, for mapping a learned
+	// profile (by layer) to the source image's layers.
+	LayerDigests []string `json:"layerDigests,omitempty"`
+	// Prioritized counts the files placed first (stargz+profile images).
+	Prioritized int `json:"prioritized,omitempty"`
 }
 
 // imageNeeds says which images the workloads need.
@@ -147,12 +152,12 @@ func prepareImages(ctx context.Context, env *testenv.Env, work string, need imag
 		}
 		start := time.Now()
 		dst := env.RegistryHost + "/" + repo + ":" + tagStargz
-		n, err := convertLikeStargz(ctx, loaded.Image, dst, work)
+		n, digests, err := convertLikeStargz(ctx, loaded.Image, dst, work, nil)
 		if err != nil {
 			return nil, fmt.Errorf("convert %s as stargz-snapshotter does: %w", im.Name, err)
 		}
 		infos[imageKey(repo, tagStargz)] = &imageInfo{Repo: repo, Tag: tagStargz, Format: string(convert.EStargz), Converter: "stargz",
-			Layers: pushed.Layers, CompressedBytes: n, ConvertSecs: time.Since(start).Seconds()}
+			Layers: pushed.Layers, CompressedBytes: n, ConvertSecs: time.Since(start).Seconds(), LayerDigests: digests}
 		logf("converted %s as stargz-snapshotter does to %s (%s) in %s", im.Name, dst, mb(n), time.Since(start).Round(time.Millisecond))
 	}
 	if (need.app || need.big) && python == nil {

@@ -73,16 +73,16 @@ func main() {
 	wls := flag.String("workloads", strings.Join(defaultWorkloads, ","), "workloads, comma-separated: "+strings.Join(allWorkloads, ", "))
 	flag.StringVar(&o.out, "out", "bench-results", "directory for the JSON, Markdown and PNG results")
 	flag.StringVar(&o.daemon, "daemon", "", "containerd-lazycas-grpc binary (default: build ./cmd/containerd-lazycas-grpc)")
-	flag.DurationVar(&o.timeout, "timeout", 27*time.Minute, "stop measuring after this long and report what was measured")
+	flag.DurationVar(&o.timeout, "timeout", 90*time.Minute, "stop measuring after this long and report what was measured")
 	flag.DurationVar(&o.runTimeout, "run-timeout", 5*time.Minute, "give up on one run after this long")
 	flag.BoolVar(&o.profile, "profile", true, "after the measured runs, run each cold workload once more on lazycas with FUSE debug logging and report FUSE operation and request counts")
 	flag.BoolVar(&o.saveLogs, "logs", false, "keep the registry, containerd and lazycas logs, and a line per registry request, in OUT/<time>-logs")
-	sns := flag.String("snapshotters", strings.Join(snapshotters, ","), "snapshotters to measure (ratios need both)")
+	sns := flag.String("snapshotters", strings.Join(snapshotters, ","), "series to measure (ratios need overlayfs): "+strings.Join(append(slices.Clone(snapshotters), learnedSeries...), ", ")+"; the peers are added")
 	confFile := flag.String("lazycas-config", "", "a TOML file added to the lazycas daemon's config, e.g. to measure with [fs] background_fetch = false")
 	replot := flag.String("report", "", "only redo the table, Markdown and PNGs of an earlier results `FILE.json`, next to it")
 	flag.StringVar(&o.publish, "publish", "", "also copy the results to `DIR` under fixed names (results.json, results.md, <chart>.png), e.g. docs/bench")
 	flag.BoolVar(&o.stargz, "stargz", true, "build stargz-snapshotter's daemon from its Go module ("+stargzModule+") and measure it in the same run, as snapshotter "+stargzName)
-	matrix := flag.Bool("matrix", false, "the full matrix: links "+strings.Join(matrixLinks, ",")+" (overrides -link)")
+	matrix := flag.Bool("matrix", false, "the full matrix: links "+strings.Join(matrixLinks, ",")+" (overrides -link), and the learned series "+strings.Join(learnedSeries, ", "))
 	quick := flag.Bool("quick", false, "development: 1 run, loopback only, no profile run (overrides -runs and -link)")
 	var peers peerFlags
 	flag.Var(&peers, "peer", "also measure the snapshotter serving containerd's snapshots API on `NAME=SOCKET[,LABELS]` (repeatable): "+
@@ -117,6 +117,12 @@ func main() {
 		o.workloads = append(o.workloads, w)
 	}
 	var err error
+	if *matrix && !flagSet("snapshotters") {
+		*sns += "," + strings.Join(learnedSeries, ",")
+	}
+	if !o.stargz && strings.Contains(*sns, snStargzOpt) {
+		fatal(errors.New(snStargzOpt + " needs the built-in stargz peer (-stargz)"))
+	}
 	if o.stargz {
 		// A socket in the run's directory, known once it exists: the spec
 		// is completed in run.
@@ -154,6 +160,13 @@ func main() {
 		fmt.Fprintf(os.Stderr, "\nbench FAILED: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// flagSet tells whether the command line set flag name.
+func flagSet(name string) bool {
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 func fatal(err error) {
@@ -325,7 +338,8 @@ func run(sigCtx context.Context, o options) (err error) {
 	}
 	rep.Images = images
 
-	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig, peers: peers, stargz: sg}
+	b := &bench{env: env, proxies: map[string]*proxy{}, images: images, res: &results{}, prog: prog, config: baseConfig, peers: peers, stargz: sg,
+		work: work, profiles: map[string][]byte{}}
 	var registries []string
 	for i, l := range o.links {
 		upstream := env.RegistryHost

@@ -277,8 +277,9 @@ func measuredSnapshotters(list string, peers []peerSpec) ([]string, error) {
 	var out []string
 	for _, sn := range strings.Split(list, ",") {
 		sn = strings.TrimSpace(sn)
-		if !slices.Contains(snapshotters, sn) && !slices.Contains(names, sn) {
-			return nil, fmt.Errorf("unknown snapshotter %q (have %s)", sn, strings.Join(append(slices.Clone(snapshotters), names...), ", "))
+		known := append(append(slices.Clone(snapshotters), learnedSeries...), names...)
+		if !slices.Contains(known, sn) {
+			return nil, fmt.Errorf("unknown snapshotter %q (have %s)", sn, strings.Join(known, ", "))
 		}
 		if !slices.Contains(out, sn) {
 			out = append(out, sn)

@@ -20,18 +20,27 @@ func (b *bench) measure(ctx context.Context, o options, rep *report, prefix stri
 	warm := slices.Contains(o.workloads, wlWarm)
 	// second runs on one link, the one its targets are set for: it
 	// takes two pulls and five containers a run.
+	// The learned series too, on that link: what they show does not
+	// depend on it, and each adds two series to every cold workload.
 	secondLink := rep.targetLink()
-	onLink := func(wl, link string) bool { return wl != wlSecond || link == secondLink }
+	onLink := func(wl, sn, link string) bool {
+		return (wl != wlSecond && !slices.Contains(learnedSeries, sn)) || link == secondLink
+	}
 	total := 0
+	var learn []string // workloads whose profiles are recorded first
 	for _, wl := range cold {
 		for _, sn := range o.snapshotters {
+			if slices.Contains(learnedSeries, sn) && learns(wl) && !slices.Contains(learn, wl) {
+				learn = append(learn, wl)
+			}
 			for _, l := range o.links {
-				if measures(wl, sn) && onLink(wl, l.Name) {
+				if measures(wl, sn) && onLink(wl, sn, l.Name) {
 					total += o.runs
 				}
 			}
 		}
 	}
+	total += len(learn)
 	if warm {
 		for _, sn := range o.snapshotters {
 			if measures(wlWarm, sn) {
@@ -90,12 +99,36 @@ func (b *bench) measure(ctx context.Context, o options, rep *report, prefix stri
 			}
 		}
 	}
+	// Profiles are recorded over the first link: the files a start-up
+	// opens do not depend on it.
+	for _, wl := range learn {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		what := fmt.Sprintf("%s %s: learn a profile on lazycas", o.links[0].Name, wl)
+		b.prog.begin(what)
+		rctx, cancel := context.WithTimeout(ctx, o.runTimeout)
+		err := b.learn(rctx, o.links[0].Name, wl)
+		cancel()
+		b.prog.end()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if ferr := fail(b.res.cell(secondLink, wl, snLearned), what, err); ferr != nil {
+				return ferr
+			}
+		}
+	}
 	for i := 0; i < o.runs; i++ {
 		for _, l := range o.links {
 			for _, wl := range cold {
 				for _, sn := range o.snapshotters {
-					if !measures(wl, sn) || !onLink(wl, l.Name) {
+					if !measures(wl, sn) || !onLink(wl, sn, l.Name) {
 						continue
+					}
+					if slices.Contains(learnedSeries, sn) && b.profiles[wl] == nil {
+						continue // learning failed, and said so
 					}
 					if err := ctx.Err(); err != nil {
 						return err
@@ -125,7 +158,8 @@ func (b *bench) measure(ctx context.Context, o options, rep *report, prefix stri
 		}
 	}
 	if o.profile {
-		b.env.SetDaemonConfig(b.debugConfig())
+		b.config = b.debugConfig()
+		b.env.SetDaemonConfig(b.config)
 	}
 	if o.profile && len(cold) > 0 {
 		link := o.links[len(o.links)-1].Name
@@ -161,8 +195,12 @@ func (b *bench) measure(ctx context.Context, o options, rep *report, prefix stri
 
 // measures tells whether series sn runs workload wl: lazycas on the
 // stargz-converted image is a series of the cold start-ups only (second
-// and warm use the images lazycas converted, on every snapshotter).
+// and warm use the images lazycas converted, on every snapshotter), the
+// learned series of the workloads that learn.
 func measures(wl, sn string) bool {
+	if slices.Contains(learnedSeries, sn) {
+		return learns(wl)
+	}
 	return sn != snLazycasPeer || (wl != wlSecond && wl != wlWarm)
 }
 

@@ -18,6 +18,8 @@ var seriesColor = map[string]color.Color{
 	snOverlay:     color.RGBA{R: 0x8c, G: 0x8c, B: 0x8c, A: 0xff},
 	snLazycas:     color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
 	snLazycasPeer: color.RGBA{R: 0x9e, G: 0xc6, B: 0xe8, A: 0xff},
+	snLearned:     color.RGBA{R: 0x17, G: 0xbe, B: 0xcf, A: 0xff},
+	snStargzOpt:   color.RGBA{R: 0xff, G: 0xbb, B: 0x78, A: 0xff},
 }
 
 // peerColors colour the peers' bars, in -peer order.

@@ -196,16 +196,21 @@ type report struct {
 	Notes []string   `json:"notes,omitempty"`
 }
 
-// columns are the snapshotters of the tables and plots: overlayfs,
-// lazycas (on its own and on the stargz-converted images), then the peers;
-// once results are in, those that have any.
+// columns are the series of the tables and plots: overlayfs, lazycas's
+// (on its own images, on the stargz-converted ones, with a learned
+// profile), then the peers (stargz-snapshotter with a recorded profile
+// last); once results are in, those that have any.
 func (r *report) columns() []string {
 	cols := slices.Clone(snapshotters)
+	cols = append(cols, snLearned)
 	for _, p := range r.Peers {
 		cols = append(cols, p.Name)
 	}
+	cols = append(cols, snStargzOpt)
 	if len(r.Cells) == 0 {
-		return slices.DeleteFunc(cols, func(s string) bool { return s == snLazycasPeer })
+		return slices.DeleteFunc(cols, func(s string) bool {
+			return s == snLazycasPeer || slices.Contains(learnedSeries, s)
+		})
 	}
 	return slices.DeleteFunc(cols, func(s string) bool {
 		return !slices.ContainsFunc(r.Cells, func(c *cell) bool { return c.Snapshotter == s })
@@ -213,10 +218,11 @@ func (r *report) columns() []string {
 }
 
 // isLazycas tells whether a series is lazycas's.
-func isLazycas(sn string) bool { return sn == snLazycas || sn == snLazycasPeer }
+func isLazycas(sn string) bool { return snapshotterOf(sn) == snLazycas }
 
-// ratioPairs are the ratio columns: each lazycas series over overlayfs and
-// over each peer, then each peer over overlayfs.
+// ratioPairs are the ratio columns: each lazycas series over overlayfs
+// and over each peer (lazycas+profile over stargz+profile alone: both
+// learned), then each peer over overlayfs.
 func (r *report) ratioPairs() []ratioPair {
 	var lazy, peers []string
 	for _, c := range r.columns() {
@@ -232,7 +238,9 @@ func (r *report) ratioPairs() []ratioPair {
 	for _, l := range lazy {
 		out = append(out, ratioPair{l, snOverlay})
 		for _, p := range peers {
-			out = append(out, ratioPair{l, p})
+			if (l == snLearned) == (p == snStargzOpt) {
+				out = append(out, ratioPair{l, p})
+			}
 		}
 	}
 	for _, p := range peers {
@@ -377,6 +385,13 @@ func (r *report) peerTargets() []target {
 		}
 		m := summarize(times)
 		add(fmt.Sprintf("median over %d cells of first output, %s/%s", m.N, lazy, stargzName), "all", m.Median, m.N > 0, 0.75)
+	}
+	for _, l := range r.Links {
+		for _, wl := range coldOrder {
+			if v, ok := r.ratioOf(l.Name, wl, snLearned, snStargzOpt, mFirst); ok {
+				add(fmt.Sprintf("%s: first output, %s/%s", wl, snLearned, snStargzOpt), l.Name, v, ok, 1.0)
+			}
+		}
 	}
 	for _, l := range r.Links {
 		if v, ok := r.ratioOf(l.Name, wlRead, lazy, snOverlay, mFirst); ok {
@@ -573,6 +588,7 @@ func (r *report) writeMarkdown(w io.Writer, res *results) {
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "\nNote: %s.\n", n)
 	}
+	r.writeMatrix(w, res)
 	header := r.header()
 	align := "|---|---|" + strings.Repeat("--:|", len(header)-2)
 	for _, l := range r.Links {
@@ -604,4 +620,59 @@ func (p profileRun) describe() string {
 			p.Proxy.Requests, p.Proxy.Ranged, p.Proxy.Ranges, float64(p.Proxy.Down)/1e6, p.FetchRequests, p.StoreFiles)
 	}
 	return d + errNote(p.Error)
+}
+
+// writeMatrix writes the cold start-ups at a glance: per workload and
+// link, each series' median time to first output, then lazycas's ratios
+// to overlayfs and to stargz-snapshotter on the same image, and the
+// registry bytes of both.
+func (r *report) writeMatrix(w io.Writer, res *results) {
+	cols := slices.DeleteFunc(r.columns(), func(s string) bool { return s == snLazycas })
+	lazy := snLazycasPeer
+	if !slices.Contains(cols, lazy) {
+		lazy = snLazycas
+		cols = r.columns()
+	}
+	hasStargz := slices.Contains(cols, stargzName)
+	var rows []string
+	for _, wl := range coldOrder {
+		for _, l := range r.Links {
+			if res.find(l.Name, wl, lazy) == nil {
+				continue
+			}
+			row := []string{wl, l.Name}
+			for _, sn := range cols {
+				sm := summary{}
+				if c := res.find(l.Name, wl, sn); c != nil {
+					sm = c.Summary[mFirst]
+				}
+				row = append(row, fmtSummary(sm, metricDef{format: "%.2f", scale: 1}))
+			}
+			v, ok := r.ratioOf(l.Name, wl, lazy, snOverlay, mFirst)
+			row = append(row, fmtRatio(v, ok))
+			if hasStargz {
+				v, ok = r.ratioOf(l.Name, wl, lazy, stargzName, mFirst)
+				row = append(row, fmtRatio(v, ok))
+				mbOf := func(sn string) string {
+					if c := res.find(l.Name, wl, sn); c != nil && c.Summary[mBytes].N > 0 {
+						return fmt.Sprintf("%.1f", c.Summary[mBytes].Median/1e6)
+					}
+					return "—"
+				}
+				v, ok = r.ratioOf(l.Name, wl, lazy, stargzName, mBytes)
+				row = append(row, mbOf(lazy)+" / "+mbOf(stargzName)+" ("+fmtRatio(v, ok)+")")
+			}
+			rows = append(rows, "| "+strings.Join(row, " | ")+" |")
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	header := append([]string{"workload", "link"}, cols...)
+	header = append(header, lazy+"/overlayfs")
+	if hasStargz {
+		header = append(header, lazy+"/stargz", "registry MB, "+lazy+" / stargz")
+	}
+	fmt.Fprintf(w, "\nCold start, pull start to first output (s), median [min–max]:\n\n| %s |\n|---|---|%s\n%s\n",
+		strings.Join(header, " | "), strings.Repeat("--:|", len(header)-2), strings.Join(rows, "\n"))
 }

@@ -124,6 +124,10 @@ type bench struct {
 	peers       map[string]peerSpec // by name
 	// stargz is the built-in peer, nil when not measured.
 	stargz *stargzPeer
+	work   string // the run's directory
+	// profiles are the learned profiles by workload, as the daemon's API
+	// exports them (snLearned).
+	profiles map[string][]byte
 }
 
 func (b *bench) ref(link, repo, tag string) string {
@@ -213,16 +217,23 @@ func (b *bench) coldRun(ctx context.Context, link, wl, series string) (sample, e
 		return b.secondRun(ctx, link, series)
 	}
 	sn := snapshotterOf(series)
+	if series == snLearned {
+		b.env.SetDaemonConfig(b.learnedConfig())
+		defer b.env.SetDaemonConfig(b.config)
+	}
 	if err := b.reset(ctx, sn); err != nil {
 		return nil, err
 	}
-	w := coldWorkloads[wl]
-	tag := tagPython
-	if peerImage(series) {
-		tag = tagStargz
+	if series == snLearned {
+		// The node has the profile before the pull, as after `lazycas
+		// image profile import`; its store is empty.
+		if err := b.importProfile(ctx, wl); err != nil {
+			return nil, err
+		}
 	}
+	w := coldWorkloads[wl]
 	px := b.proxies[link]
-	ref := b.ref(link, w.repo, tag)
+	ref := b.ref(link, w.repo, imageTag(series, wl))
 	c0 := px.counters()
 	b.prog.step("pull")
 	t0 := time.Now()

@@ -20,29 +20,51 @@ import (
 	"github.com/lazycas/lazycas/integration/testenv"
 )
 
-// Snapshotters compared: containerd's own overlayfs (full pull, unpack),
+// Series compared: containerd's own overlayfs (full pull, unpack),
 // lazycas on the images it converted, and lazycas on the images converted
 // the way stargz-snapshotter's tools convert them (an eStargz made by
 // another tool is the common case). The peers follow (stargz, built in,
 // and -peer ones); a peer pulls the stargz-converted images.
+//
+// Two more series measure learned start-up, on request (-snapshotters, or
+// -matrix): lazycas with a profile recorded on an earlier run of the same
+// workload (store emptied, profile kept), and stargz-snapshotter on the
+// image its optimizer makes from the files the same run opened.
 const (
 	snOverlay     = "overlayfs"
 	snLazycas     = testenv.Snapshotter
 	snLazycasPeer = snLazycas + "@stargz-image"
+	snLearned     = snLazycas + "+profile"
+	snStargzOpt   = stargzName + "+profile"
 )
 
-var snapshotters = []string{snOverlay, snLazycas, snLazycasPeer}
+// snapshotters are measured by default; learnedSeries on request.
+var (
+	snapshotters  = []string{snOverlay, snLazycas, snLazycasPeer}
+	learnedSeries = []string{snLearned, snStargzOpt}
+)
 
 // snapshotterOf is the containerd snapshotter a series runs on.
 func snapshotterOf(series string) string {
-	if series == snLazycasPeer {
+	switch series {
+	case snLazycasPeer, snLearned:
 		return snLazycas
+	case snStargzOpt:
+		return stargzName
 	}
 	return series
 }
 
-// peerImage reports whether a series pulls the stargz-converted images.
-func peerImage(series string) bool { return series != snOverlay && series != snLazycas }
+// imageTag is the tag of workload wl's image that series pulls.
+func imageTag(series, wl string) string {
+	switch series {
+	case snOverlay, snLazycas:
+		return tagPython
+	case snStargzOpt:
+		return tagOptimized(wl)
+	}
+	return tagStargz
+}
 
 // Workloads. The cold ones run on a node that has never pulled anything;
 // "warm" runs after the image is local.
