@@ -37,9 +37,10 @@ test-short: deps
 demo: build
 	$(GO) run ./script/demo -daemon bin/containerd-lazycas-grpc
 
-# lazycas against containerd's overlayfs snapshotter, cold and warm, on a
-# loopback and a shaped 100mbit-20ms link (about 9 minutes; see README,
-# "Performance"). BENCH_FLAGS passes flags, e.g. BENCH_FLAGS=-quick.
+# lazycas against containerd's overlayfs snapshotter and stargz-snapshotter
+# (built from its Go module), cold and warm, on shaped 100mbit-0ms and
+# 100mbit-20ms links (about 30 minutes; see README, "Performance").
+# BENCH_FLAGS passes flags, e.g. BENCH_FLAGS=-quick or BENCH_FLAGS=-matrix.
 bench: deps
 	$(GO) run ./script/bench $(BENCH_FLAGS)
 
