@@ -85,7 +85,7 @@ type Layer struct {
 
 // Stats counts FUSE operations, for profiling and tests.
 type Stats struct {
-	Lookups, Getattrs, Readdirs, Opens, Reads, OpenErrors, ReadErrors atomic.Int64
+	Lookups, Getattrs, Readdirs, Opens, Reads, OpenErrors, ReadErrors, Flushes atomic.Int64
 }
 
 // cacheTimeout is how long the kernel may cache entries and attributes:
@@ -232,6 +232,7 @@ var (
 	_ fs.NodeListxattrer = (*node)(nil)
 	_ fs.NodeOpener      = (*node)(nil)
 	_ fs.NodeStatfser    = (*node)(nil)
+	_ fs.NodeFlusher     = (*node)(nil)
 )
 
 func typeBits(t metadata.Type) uint32 {
@@ -333,6 +334,14 @@ func (n *node) xattr(name string) ([]byte, bool) {
 	}
 	v, ok := n.meta.Xattrs[name]
 	return v, ok
+}
+
+// Flush answers ENOSYS: a read-only layer has nothing to write back when
+// a file is closed, and after that answer the kernel sends no FLUSH to the
+// mount again (without it, every close() cost a round trip to us).
+func (n *node) Flush(ctx context.Context, f fs.FileHandle) syscall.Errno {
+	n.m.stats.Flushes.Add(1)
+	return syscall.ENOSYS
 }
 
 func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
