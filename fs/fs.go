@@ -96,6 +96,8 @@ type FileSystem struct {
 	// limiter caps background fetch bandwidth; nil means no cap.
 	limiter *rate.Limiter
 
+	misses missCost // what a reader's miss costs, for readahead's windows
+
 	specMu sync.Mutex
 	spec   map[*window]struct{} // fills in flight holding speculation
 }

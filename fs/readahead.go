@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sort"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -88,9 +89,12 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 	if w := m.window(start, end); w != nil {
 		return m.ensure(ctx, n, &prefetched{win: w, next: next, reader: true})
 	}
+	t0 := time.Now()
 	link := linkOf(b)
 	m.fs.trimSpeculation(link)
-	span := plan.Readahead(link, plan.Useful(m.specBytes.Load(), m.specRead.Load()))
+	// A neighbour read later saves a whole miss: the round trip, and the
+	// work on both ends around it that the link model does not see.
+	span := plan.Readahead(m.fs.misses.link(link), plan.Useful(m.specBytes.Load(), m.specRead.Load()))
 	// A reader going through the blob in order (a copy, a scan) misses
 	// right where the previous window ended: each such miss doubles the
 	// window, up to a stream request, so a scan soon moves long requests
@@ -132,7 +136,7 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		m.seq.ended(end)
 	}
 	if len(more) == 0 {
-		return m.ensure(ctx, n, nil)
+		return m.fs.misses.timed(t0, m.ensure(ctx, n, nil))
 	}
 	// Backwards, the file is the window's last bytes: all of it is
 	// demand. Forwards only the file is, and the rest may be trimmed.
@@ -157,7 +161,36 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		defer m.wg.Done()
 		m.sealFrom(w, more, true)
 	}()
-	return m.ensure(ctx, n, pre)
+	return m.fs.misses.timed(t0, m.ensure(ctx, n, pre))
+}
+
+// missCost follows how long a reader's miss of a small file takes, from
+// the miss to the file served: a moving average over the recent ones.
+type missCost struct {
+	avg atomic.Int64 // nanoseconds; 0 until the first miss
+}
+
+// timed records the miss that started at t0 if it succeeded, and returns
+// its error.
+func (c *missCost) timed(t0 time.Time, err error) error {
+	if err != nil {
+		return err
+	}
+	d := int64(time.Since(t0))
+	// Updates racing each other may lose one: an average, not a count.
+	if old := c.avg.Load(); old == 0 {
+		c.avg.Store(d)
+	} else {
+		c.avg.Store(old + (d-old)/8)
+	}
+	return nil
+}
+
+// link is l with its round trip raised to the measured cost of a miss,
+// where that is longer: the time a neighbour fetched ahead saves.
+func (c *missCost) link(l plan.Link) plan.Link {
+	l.RTT = max(l.RTT, time.Duration(c.avg.Load()))
+	return l
 }
 
 // seqReads follows whether a layer's misses come one after the other in

@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/lazycas/lazycas/fs/internal/testlayer"
 	"github.com/lazycas/lazycas/fs/layer"
+	"github.com/lazycas/lazycas/fs/plan"
 	"github.com/lazycas/lazycas/fs/remote"
 )
 
@@ -92,5 +94,31 @@ func TestSequentialMissesGrowTheWindow(t *testing.T) {
 	}
 	if got := s.span(off-100<<10, base, limit); got != base {
 		t.Errorf("a miss behind the last window: window %d, want %d", got, base)
+	}
+}
+
+// TestMissCostRaisesTheRoundTrip: readahead sizes its windows from what a
+// miss costs when that is more than the link's round trip (the work
+// around the request), never less; failed misses do not count.
+func TestMissCostRaisesTheRoundTrip(t *testing.T) {
+	var c missCost
+	l := plan.Link{RTT: 3 * time.Millisecond, Bandwidth: 12e6}
+	if got := c.link(l); got != l {
+		t.Fatalf("before any miss: %+v, want the link as measured %+v", got, l)
+	}
+	for range 40 {
+		if err := c.timed(time.Now().Add(-10*time.Millisecond), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.timed(time.Now().Add(-time.Hour), errors.New("failed")); err == nil {
+		t.Fatal("the miss's error was lost")
+	}
+	if got := c.link(l).RTT; got < 9*time.Millisecond || got > 11*time.Millisecond {
+		t.Errorf("after misses of 10 ms: round trip %v, want about 10 ms", got)
+	}
+	slow := plan.Link{RTT: 40 * time.Millisecond, Bandwidth: 12e6}
+	if got := c.link(slow); got != slow {
+		t.Errorf("a link slower than its misses: %+v, want %+v", got, slow)
 	}
 }
