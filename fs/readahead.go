@@ -115,8 +115,11 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		i := sort.Search(len(spans), func(i int) bool { return spans[i].off >= start })
 		for i--; i >= 0; i-- {
 			sp := spans[i]
-			if fileEnd-sp.off > span || start-sp.end > groupGap || sp.end > start || !m.worthFetching(sp.id, n) {
+			if fileEnd-sp.off > span || start-sp.end > groupGap || sp.end > start {
 				break
+			}
+			if !m.worthFetching(sp.id, n) {
+				continue // a gap: see below
 			}
 			more = append(more, sp.id)
 			start = sp.off
@@ -125,8 +128,15 @@ func (m *mounted) fetchAround(ctx context.Context, n *metadata.Node) error {
 		i := sort.Search(len(spans), func(i int) bool { return spans[i].off > start })
 		for ; i < len(spans); i++ {
 			sp := spans[i]
-			if sp.end-start > span || sp.off-end > groupGap || sp.off < end || !m.worthFetching(sp.id, n) {
+			if sp.end-start > span || sp.off-end > groupGap || sp.off < end {
 				break
+			}
+			if !m.worthFetching(sp.id, n) {
+				// The store has it (the same content came with another
+				// file): not sealed again, but the window goes on past
+				// it as past a gap, so that files after it still come
+				// in this request.
+				continue
 			}
 			more = append(more, sp.id)
 			end = sp.end

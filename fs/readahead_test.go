@@ -122,3 +122,32 @@ func TestMissCostRaisesTheRoundTrip(t *testing.T) {
 		t.Errorf("a link slower than its misses: %+v, want %+v", got, slow)
 	}
 }
+
+// TestReadaheadGoesPastFilesTheStoreHas: a neighbour whose content the
+// store already has (another file brought it) is not fetched again for
+// itself, but the window goes on past it: the files after it come in the
+// same request, instead of one request per file between stored ones.
+func TestReadaheadGoesPastFilesTheStoreHas(t *testing.T) {
+	e := newEnv(t, Options{}, remote.Options{})
+	shared := []byte(fmt.Sprintf("shared %01000d", 7))
+	// x first, then a file too big for any window, so that reading x
+	// fetches x alone and d/f00 is not a backward read.
+	entries := []testlayer.Entry{
+		testlayer.File("a-x", shared, 0o644),
+		testlayer.File("b-pad", testlayer.Random(99, 3<<20), 0o644),
+		testlayer.Dir("d", 0o755),
+		testlayer.File("d/f00", []byte(fmt.Sprintf("first %01000d", 0)), 0o644),
+		testlayer.File("d/f01", shared, 0o644),
+		testlayer.File("d/f02", []byte(fmt.Sprintf("third %01000d", 2)), 0o644),
+	}
+	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{})
+	mp := e.mount("past", blob)
+	mustRead(t, filepath.Join(mp, "a-x"), shared)
+	before := e.reg.Counts(blob.Digest).Ranges
+	for _, i := range []int{3, 5} {
+		mustRead(t, filepath.Join(mp, entries[i].Hdr.Name), entries[i].Data)
+	}
+	if got := e.reg.Counts(blob.Digest).Ranges - before; got != 1 {
+		t.Errorf("%d range requests for d/f00 and d/f02 around a stored d/f01, want 1", got)
+	}
+}
