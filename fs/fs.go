@@ -221,6 +221,9 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 		return err
 	}
 	m.learnFetch()
+	if f.opts.StartupFetch {
+		m.fetchRuncFiles()
+	}
 	if f.opts.StartupFetch && f.opts.Images != nil && manifest.Validate() == nil {
 		// Under the layer's fetch context: unmounting it stops this.
 		m.wg.Add(1)

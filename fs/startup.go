@@ -186,8 +186,16 @@ type startupFile struct {
 
 func (p *startupSet) run(ctx context.Context, img ocispec.Image) (int, int64) {
 	prog := p.program(img.Config)
-	// runc reads passwd and group to set up the process's user and groups.
-	first := []string{"/etc/passwd", "/etc/group", "/etc/ld.so.cache", "/etc/localtime"}
+	// runc reads passwd and group while it creates the container, before
+	// the program runs: they come first, alone on the link. Behind the
+	// set's large files (the program, libc) their few kilobytes waited for
+	// the queue those fill on a shaped link, a round trip at a time: on a
+	// 100 Mbit/s link with 20 ms each way, creating the container took
+	// 0.42 s with them in the crowd and 0.19 s with no start-up fetch.
+	// Each layer holding them also fetched them as it mounted (userFiles):
+	// usually they are in the store by now.
+	p.fetch(ctx, p.lookup(runcFiles))
+	first := []string{"/etc/ld.so.cache", "/etc/localtime"}
 	if p.triplet != "" {
 		// Almost every dynamic program of a glibc image needs these; asking
 		// now saves waiting for the program's ELF header.
@@ -210,6 +218,47 @@ func (p *startupSet) run(ctx context.Context, img ocispec.Image) (int, int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.files, p.bytes
+}
+
+// runcFiles are what runc reads of a container's root filesystem while it
+// creates the container.
+var runcFiles = []string{"/etc/passwd", "/etc/group"}
+
+// fetchRuncFiles fetches, in the background, the layer's own runcFiles as
+// soon as it is mounted: a few kilobytes, needed before the program runs,
+// while the link is still quiet. Another layer may override them: the
+// start-up set fetches what the merged stack shows.
+func (m *mounted) fetchRuncFiles() {
+	var nodes []*metadata.Node
+	for _, p := range runcFiles {
+		id := metadata.RootID
+		var n *metadata.Node
+		for _, name := range strings.Split(strings.TrimPrefix(p, "/"), "/") {
+			var err error
+			if n, err = m.meta.Lookup(id, name); err != nil {
+				n = nil
+				break
+			}
+			id = n.ID
+		}
+		if n != nil && n.Type == metadata.TypeReg && n.Size > 0 && len(n.Chunks) > 0 && n.Size <= groupSpan &&
+			!m.fs.store.Has(digest.Digest(n.Digest)) {
+			nodes = append(nodes, n)
+		}
+	}
+	if len(nodes) == 0 {
+		return
+	}
+	sort.Slice(nodes, func(i, j int) bool { return nodes[i].Chunks[0].Offset < nodes[j].Chunks[0].Offset })
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		for _, g := range groupNodes(nodes) {
+			if _, _, err := m.fetchGroup(m.bg, g, true); err != nil && m.bg.Err() == nil {
+				log.G(m.bg).WithError(err).WithField("layer", m.meta.Info.Digest).Debug("fetch passwd and group")
+			}
+		}
+	}()
 }
 
 // program is the path of the executable the image's config starts.

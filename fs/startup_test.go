@@ -243,3 +243,30 @@ func TestStartupSurvivesBrokenPrograms(t *testing.T) {
 		})
 	}
 }
+
+// TestMountFetchesWhatRuncReads: a layer holding /etc/passwd and
+// /etc/group fetches them as soon as it is mounted, before any image is
+// known and before anything reads them: runc reads them while it creates
+// the container.
+func TestMountFetchesWhatRuncReads(t *testing.T) {
+	e := newEnv(t, Options{StartupFetch: true}, remote.Options{})
+	passwd := []byte("root:x:0:0:root:/root:/bin/sh\n")
+	group := []byte("root:x:0:\n")
+	blob := testlayer.Build(t, testlayer.Tar(t, []testlayer.Entry{
+		testlayer.Dir("etc", 0o755),
+		testlayer.File("etc/group", group, 0o644),
+		testlayer.File("etc/hostname", []byte("x\n"), 0o644),
+		testlayer.File("etc/passwd", passwd, 0o644),
+		testlayer.File("big", testlayer.Random(3, 1<<20), 0o644),
+	}), layer.FormatEStargz, testlayer.BuildOptions{})
+	e.mount("etc", blob)
+	for _, c := range [][]byte{passwd, group} {
+		d := digest.FromBytes(c)
+		if !testlayer.Eventually(e.ctx, 10*time.Second, func() bool { return e.fs.store.Has(d) }) {
+			t.Errorf("%q not fetched after the mount", c)
+		}
+	}
+	if e.fs.store.Has(digest.FromBytes(testlayer.Random(3, 1<<20))) {
+		t.Error("the mount fetched more than passwd and group")
+	}
+}
