@@ -27,6 +27,9 @@ commands:
   image profile export [--layer DIGEST ...] FILE
                                   write learned start-up profiles to FILE (JSON)
   image profile import FILE       merge the profiles in FILE into the daemon's
+  image profile push REF          attach the daemon's profiles of REF's layers to REF
+                                  in its registry (an OCI artifact referring to it)
+  image profile pull REF          merge the profiles attached to REF into the daemon's
   store stats [flags]             show the shared store: objects, bytes, dedup, per image
   store gc [flags]                trim the shared store to a size
   version                         print the version

@@ -30,9 +30,13 @@ func imageProfile(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			return profileExport(ctx, args[1:], stdout, stderr)
 		case "import":
 			return profileImport(ctx, args[1:], stdout, stderr)
+		case "push":
+			return profilePush(ctx, args[1:], stdout, stderr)
+		case "pull":
+			return profilePull(ctx, args[1:], stdout, stderr)
 		}
 	}
-	fmt.Fprintln(stderr, "usage: lazycas image profile export [--layer DIGEST ...] FILE | import FILE")
+	fmt.Fprintln(stderr, "usage: lazycas image profile export [--layer DIGEST ...] FILE | import FILE | push REF | pull REF")
 	return errUsage
 }
 
