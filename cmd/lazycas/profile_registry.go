@@ -36,9 +36,26 @@ const profileArtifactType = "application/vnd.lazycas.startup-profile.v1+json"
 // maxProfileArtifact bounds the export read back from a registry.
 const maxProfileArtifact = 64 << 20
 
-// registryFlags are the registry options of push and pull.
-func registryFlags(flags *flag.FlagSet) (plainHTTP *bool) {
-	return flags.Bool("plain-http", false, "the registry speaks plain HTTP")
+// profileRegistryArgs parses the command line of push or pull and
+// resolves its REF to this platform's image.
+func profileRegistryArgs(ctx context.Context, cmd, what string, args []string, stderr io.Writer) (string, name.Reference, v1.Image, error) {
+	flags := flag.NewFlagSet("lazycas image profile "+cmd, flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	flags.Usage = func() {
+		fmt.Fprintf(stderr, "usage: lazycas image profile %s REF: %s\n", cmd, what)
+		flags.PrintDefaults()
+	}
+	address := flags.String("api-address", config.DefaultAPIAddress, "the lazycas daemon's API socket")
+	plain := flags.Bool("plain-http", false, "the registry speaks plain HTTP")
+	if err := flags.Parse(args); err != nil {
+		return "", nil, nil, err
+	}
+	if flags.NArg() != 1 {
+		flags.Usage()
+		return "", nil, nil, errUsage
+	}
+	ref, img, err := imageOf(ctx, flags.Arg(0), *plain)
+	return *address, ref, img, err
 }
 
 func registryOptions(ctx context.Context) []remote.Option {
@@ -63,22 +80,7 @@ func imageOf(ctx context.Context, ref string, plainHTTP bool) (name.Reference, v
 }
 
 func profilePush(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	flags := flag.NewFlagSet("lazycas image profile push", flag.ContinueOnError)
-	flags.SetOutput(stderr)
-	flags.Usage = func() {
-		fmt.Fprintln(stderr, "usage: lazycas image profile push REF: attach the daemon's profiles of REF's layers to REF in its registry")
-		flags.PrintDefaults()
-	}
-	address := flags.String("api-address", config.DefaultAPIAddress, "the lazycas daemon's API socket")
-	plain := registryFlags(flags)
-	if err := flags.Parse(args); err != nil {
-		return err
-	}
-	if flags.NArg() != 1 {
-		flags.Usage()
-		return errUsage
-	}
-	ref, img, err := imageOf(ctx, flags.Arg(0), *plain)
+	address, ref, img, err := profileRegistryArgs(ctx, "push", "attach the daemon's profiles of REF's layers to REF in its registry", args, stderr)
 	if err != nil {
 		return err
 	}
@@ -87,7 +89,7 @@ func profilePush(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return fmt.Errorf("image %s: %w", ref, err)
 	}
 	var all profile.Export
-	if err := newAPIClient(*address).call(ctx, http.MethodGet, service.APIProfiles, url.Values{}, &all); err != nil {
+	if err := newAPIClient(address).call(ctx, http.MethodGet, service.APIProfiles, url.Values{}, &all); err != nil {
 		return err
 	}
 	e := profile.Export{Version: profile.FormatVersion}
@@ -148,22 +150,7 @@ func descriptorOf(img v1.Image) (v1.Descriptor, error) {
 }
 
 func profilePull(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	flags := flag.NewFlagSet("lazycas image profile pull", flag.ContinueOnError)
-	flags.SetOutput(stderr)
-	flags.Usage = func() {
-		fmt.Fprintln(stderr, "usage: lazycas image profile pull REF: import the profiles attached to REF in its registry")
-		flags.PrintDefaults()
-	}
-	address := flags.String("api-address", config.DefaultAPIAddress, "the lazycas daemon's API socket")
-	plain := registryFlags(flags)
-	if err := flags.Parse(args); err != nil {
-		return err
-	}
-	if flags.NArg() != 1 {
-		flags.Usage()
-		return errUsage
-	}
-	ref, img, err := imageOf(ctx, flags.Arg(0), *plain)
+	address, ref, img, err := profileRegistryArgs(ctx, "pull", "import the profiles attached to REF in its registry", args, stderr)
 	if err != nil {
 		return err
 	}
@@ -180,7 +167,7 @@ func profilePull(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return fmt.Errorf("referrers of %s: %w", ref, err)
 	}
-	c := newAPIClient(*address)
+	c := newAPIClient(address)
 	imported := 0
 	for _, desc := range im.Manifests {
 		// The referrers tag lists every referrer: filter here as well.
