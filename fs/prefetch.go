@@ -228,6 +228,14 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader boo
 				return 0, 0, err
 			}
 		}
+		// A reader's group whose bytes a window is fetching already (the
+		// same files asked for by a mount and by the start-up set) reads
+		// them from there instead of asking again.
+		w := m.window(start, end)
+		if reader && w != nil {
+			pre = &prefetched{win: w, next: r, reader: true}
+			break
+		}
 		// Shown to readers only now, past the waits above: a reader
 		// missing one of these files waits for this read, not for
 		// readers to be done. A background group is all speculation: a
@@ -238,7 +246,7 @@ func (m *mounted) fetchGroup(ctx context.Context, g []*metadata.Node, reader boo
 			demandEnd = end
 			done = m.fs.foreground()
 		}
-		w := m.addWindow(newWindow(start, end-start, demandEnd))
+		w = m.addWindow(newWindow(start, end-start, demandEnd))
 		err = w.fill(ctx, b, m.fs)
 		if done != nil {
 			done()

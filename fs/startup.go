@@ -192,8 +192,8 @@ func (p *startupSet) run(ctx context.Context, img ocispec.Image) (int, int64) {
 	// the queue those fill on a shaped link, a round trip at a time: on a
 	// 100 Mbit/s link with 20 ms each way, creating the container took
 	// 0.42 s with them in the crowd and 0.19 s with no start-up fetch.
-	// Each layer holding them also fetched them as it mounted (userFiles):
-	// usually they are in the store by now.
+	// Each layer holding them also fetched them as it mounted
+	// (fetchRuncFiles): usually they are in the store or on their way.
 	p.fetch(ctx, p.lookup(runcFiles))
 	first := []string{"/etc/ld.so.cache", "/etc/localtime"}
 	if p.triplet != "" {
@@ -231,16 +231,7 @@ var runcFiles = []string{"/etc/passwd", "/etc/group"}
 func (m *mounted) fetchRuncFiles() {
 	var nodes []*metadata.Node
 	for _, p := range runcFiles {
-		id := metadata.RootID
-		var n *metadata.Node
-		for _, name := range strings.Split(strings.TrimPrefix(p, "/"), "/") {
-			var err error
-			if n, err = m.meta.Lookup(id, name); err != nil {
-				n = nil
-				break
-			}
-			id = n.ID
-		}
+		_, n := stack{m}.resolve(p)
 		if n != nil && n.Type == metadata.TypeReg && n.Size > 0 && len(n.Chunks) > 0 && n.Size <= groupSpan &&
 			!m.fs.store.Has(digest.Digest(n.Digest)) {
 			nodes = append(nodes, n)
