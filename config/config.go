@@ -95,6 +95,16 @@ type FS struct {
 	BackgroundBandwidth Size `toml:"background_bandwidth"`
 	// Debug logs every FUSE request (very verbose).
 	Debug bool `toml:"debug"`
+	// Holder keeps lazy layers mounted while the daemon restarts, is
+	// upgraded or crashes: a small process (this binary's fuse-holder
+	// command, started by the daemon) holds their FUSE connections, and
+	// the next daemon serves them on; containers' reads wait meanwhile.
+	// Off, stopping the daemon unmounts its lazy layers.
+	Holder bool `toml:"holder"`
+	// HolderAbortAfter is how long the holder waits for a daemon to come
+	// back before it gives the mounts up, so that readers get an error
+	// rather than wait for good, e.g. "5m"; "0" waits for good.
+	HolderAbortAfter Duration `toml:"holder_abort_after"`
 }
 
 // Store configures the shared object store.
@@ -197,7 +207,7 @@ func Default() Config {
 		LogFormat: DefaultLogFormat,
 		FS: FS{
 			Lazy: true, Passthrough: true, Prefetch: true, StartupFetch: true, BackgroundFetch: true, FetchConcurrency: 2,
-			BackgroundDelay: Duration{2 * time.Second},
+			BackgroundDelay: Duration{2 * time.Second}, Holder: true, HolderAbortAfter: Duration{5 * time.Minute},
 		},
 		Containerd: Containerd{Address: DefaultContainerdAddress},
 		Store:      Store{PartialMinSize: Size{4 << 20}, Verity: true},

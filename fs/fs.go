@@ -67,6 +67,12 @@ type Options struct {
 	// Profiles records what containers open and fetches it first on the
 	// next mount of a layer holding those files; nil turns learning off.
 	Profiles *Profiles
+	// Keeper holds the mounts' FUSE connections across daemon processes;
+	// nil unmounts every layer when the FileSystem closes.
+	Keeper fuse.Keeper
+	// Held are connections a Keeper kept from an earlier process, by
+	// mountpoint: Restore serves them on.
+	Held map[string]fuse.Held
 }
 
 // LayerFinder finds the image repository and blob of a lazy layer from
@@ -100,6 +106,10 @@ type FileSystem struct {
 
 	specMu sync.Mutex
 	spec   map[*window]struct{} // fills in flight holding speculation
+
+	heldMu  sync.Mutex
+	held    map[string]fuse.Held // connections not resumed yet, by mountpoint
+	resumed atomic.Int64         // layers served on from an earlier process
 }
 
 // New returns a FileSystem keeping TOCs in meta and file contents in st.
@@ -108,7 +118,10 @@ func New(meta *metadata.DB, st *store.Store, fetcher *remote.Fetcher, opts Optio
 		opts.FetchConcurrency = 4
 	}
 	f := &FileSystem{meta: meta, store: st, fetcher: fetcher, opts: opts, layers: map[string]*mounted{},
-		tails: map[digest.Digest]*tail{}, spec: map[*window]struct{}{}}
+		tails: map[digest.Digest]*tail{}, spec: map[*window]struct{}{}, held: opts.Held}
+	if f.held == nil {
+		f.held = map[string]fuse.Held{}
+	}
 	if opts.BackgroundBandwidth > 0 {
 		// A burst of one group: a group is fetched as one request.
 		f.limiter = rate.NewLimiter(rate.Limit(opts.BackgroundBandwidth), limiterBurst)
@@ -215,7 +228,7 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 		f.forget(ctx, key)
 		return fmt.Errorf("layer %s: %w", dgst, err)
 	}
-	m, err := f.serve(ctx, key, mountpoint, blob, fileSpans(tree.Nodes))
+	m, err := f.serve(ctx, key, mountpoint, blob, fileSpans(tree.Nodes), nil)
 	if err != nil {
 		f.forget(ctx, key)
 		return err
@@ -242,20 +255,62 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 }
 
 // Restore serves the layer recorded under key again, from metadata only:
-// file contents are fetched when read.
+// file contents are fetched when read. A mount a Keeper held since the
+// last process is served on, as it is: its readers never see it go.
 func (f *FileSystem) Restore(ctx context.Context, key, mountpoint string) error {
+	f.heldMu.Lock()
+	h, ok := f.held[mountpoint]
+	delete(f.held, mountpoint)
+	f.heldMu.Unlock()
+	if ok {
+		_, err := f.serve(ctx, key, mountpoint, nil, nil, &h)
+		if err == nil {
+			f.resumed.Add(1)
+			return nil
+		}
+		if errors.Is(err, fuse.ErrGone) {
+			log.G(ctx).WithField("mountpoint", mountpoint).Info("the held mount is gone: mounting the layer anew")
+		} else {
+			log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).
+				Error("cannot serve the held mount on: mounting the layer anew (readers of the old mount get errors)")
+		}
+	}
 	// A daemon that died left its FUSE mount dead ("transport endpoint is
 	// not connected"): detach it before mounting anew.
 	if err := syscall.Unmount(mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("detach stale mount")
 	}
-	_, err := f.serve(ctx, key, mountpoint, nil, nil)
+	_, err := f.serve(ctx, key, mountpoint, nil, nil, nil)
 	return err
 }
 
-// serve mounts the layer recorded under key. spans, when the caller has
-// the layer's nodes at hand, spares the first read listing them again.
-func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *remote.Blob, spans []fileSpan) (*mounted, error) {
+// DropUnclaimed unmounts the held mounts no Restore took (their snapshot
+// is gone: a crash between mounting and committing, or during Remove).
+func (f *FileSystem) DropUnclaimed(ctx context.Context) {
+	f.heldMu.Lock()
+	held := f.held
+	f.held = map[string]fuse.Held{}
+	f.heldMu.Unlock()
+	for dir, h := range held {
+		for _, fd := range h.Fds {
+			syscall.Close(fd)
+		}
+		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+			log.G(ctx).WithError(err).WithField("mountpoint", dir).Warn("unmount a held mount of no snapshot")
+		}
+		if f.opts.Keeper != nil {
+			if err := f.opts.Keeper.Delete(dir); err != nil {
+				log.G(ctx).WithError(err).WithField("mountpoint", dir).Warn("drop a held mount of no snapshot")
+			}
+		}
+		log.G(ctx).WithField("mountpoint", dir).Info("unmounted a held mount of no snapshot")
+	}
+}
+
+// serve mounts the layer recorded under key, or serves on the connection
+// held, when given. spans, when the caller has the layer's nodes at hand,
+// spares the first read listing them again.
+func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *remote.Blob, spans []fileSpan, held *fuse.Held) (*mounted, error) {
 	ml, err := f.meta.Layer(key)
 	if err != nil {
 		return nil, err
@@ -267,13 +322,20 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 	// Set before the mount serves: FUSE handlers start background fetches
 	// under it as soon as the mountpoint is visible.
 	m.bg, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
-	fl, err := fuse.Mount(ctx, mountpoint, ml, m, fuse.Options{
+	fo := fuse.Options{
 		FsName:      "lazycas:" + ml.Info.Digest,
 		OpaqueXattr: f.opts.OpaqueXattr,
 		NoXattrs:    ml.Info.NoXattrs,
 		Passthrough: f.opts.Passthrough,
+		Keeper:      f.opts.Keeper,
 		Debug:       f.opts.Debug,
-	})
+	}
+	var fl *fuse.Layer
+	if held != nil {
+		fl, err = fuse.Resume(ctx, mountpoint, ml, m, fo, *held)
+	} else {
+		fl, err = fuse.Mount(ctx, mountpoint, ml, m, fo)
+	}
 	if err != nil {
 		m.cancel()
 		return nil, err
@@ -355,19 +417,47 @@ func (f *FileSystem) Prune(ctx context.Context, keep map[string]bool) error {
 	return nil
 }
 
-// Close unmounts every layer; their metadata stays for Restore.
+// detachWait bounds how long Close lets requests being answered finish.
+const detachWait = 5 * time.Second
+
+// Close stops serving every layer; their metadata stays for Restore. With
+// a Keeper the mounts stay, for the next process to serve on (readers
+// wait meanwhile); without one they are unmounted.
 func (f *FileSystem) Close() error {
 	f.mu.Lock()
 	layers := f.layers
 	f.layers = map[string]*mounted{}
 	f.mu.Unlock()
 	var errs []error
+	if f.opts.Keeper != nil {
+		var wg sync.WaitGroup
+		for _, m := range layers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				m.detach()
+			}()
+		}
+		wg.Wait()
+		return nil
+	}
 	for _, m := range layers {
 		if err := m.stop(); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// detach stops serving the layer and leaves its mount to the Keeper.
+func (m *mounted) detach() {
+	defer m.learnFlush()
+	// First: from here no request is answered, so none is answered with
+	// an error from the fetches cancelled next.
+	m.fuse.Detach(detachWait)
+	m.cancel()
+	<-m.done
+	m.wg.Wait()
 }
 
 func (m *mounted) stop() error {
@@ -577,9 +667,12 @@ func (m *mounted) ensure(ctx context.Context, n *metadata.Node, pre *prefetched)
 
 // Stats describes the lazy layers, the store and the network.
 type Stats struct {
-	Store       store.Stats  `json:"store"`
-	Fetch       remote.Stats `json:"fetch"`
-	Mounted     int          `json:"mountedLayers"`
+	Store   store.Stats  `json:"store"`
+	Fetch   remote.Stats `json:"fetch"`
+	Mounted int          `json:"mountedLayers"`
+	// Resumed counts the layers this process serves on from mounts an
+	// earlier one left to the holder (their containers never saw it go).
+	Resumed     int64        `json:"resumedLayers"`
 	Passthrough bool         `json:"passthrough"`
 	Images      []ImageStats `json:"images"`
 }
@@ -601,6 +694,7 @@ func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
 	st.Fetch = f.fetcher.Stats()
 	f.mu.Lock()
 	st.Mounted = len(f.layers)
+	st.Resumed = f.resumed.Load()
 	for _, m := range f.layers {
 		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
 	}

@@ -156,12 +156,13 @@ func newContainerd2Env(t *testing.T, running *[]int) *testenv.Env {
 	}
 	t.Logf("containerd %s ready in %s", testenv.Containerd2Version, time.Since(start).Round(time.Millisecond))
 	var env *testenv.Env
+	holder := 0
 	// Registered first, so it runs after newEnvWith's cleanup closed env.
 	t.Cleanup(func() {
 		if env == nil {
 			return
 		}
-		checkNothingLeft(t, env)
+		checkNothingLeft(t, env, holder)
 		for _, pid := range *running {
 			if processAlive(pid) {
 				t.Errorf("container process %d survived Close", pid)
@@ -169,6 +170,8 @@ func newContainerd2Env(t *testing.T, running *[]int) *testenv.Env {
 		}
 	})
 	env = newEnvWith(t, testenv.Options{Containerd2: true, DaemonConfig: testenv.JSONLogConfig})
+	// Runs before Close, while the pid file still names the holder.
+	t.Cleanup(func() { holder = env.HolderPID() })
 	return env
 }
 
@@ -238,10 +241,12 @@ func processAlive(pid int) bool {
 	return len(f) > 0 && f[0] != "Z"
 }
 
-// checkNothingLeft asserts that no process of the closed env runs and no
-// mount of it remains.
-func checkNothingLeft(t *testing.T, env *testenv.Env) {
+// checkNothingLeft asserts that no process of the closed env runs (its
+// FUSE holder, pid holder or 0 when it had none, included) and no mount of
+// it remains.
+func checkNothingLeft(t *testing.T, env *testenv.Env, holder int) {
 	t.Helper()
+	checkHoldersGone(t, env, holder)
 	marks := []string{env.Dir, env.RunDir, env.ContainerdAddress}
 	ents, err := os.ReadDir("/proc")
 	if err != nil {

@@ -74,6 +74,9 @@ func testEnvClose(t *testing.T, killContainerd bool) {
 		// Shims and mounts outlive containerd: Close must find them itself.
 		killProcessesWith(t, env.Dir+"/containerd.toml")
 	}
+	// Neither stopping the daemon nor containerd's death ends the FUSE
+	// holder, if the daemon runs one: Close must.
+	holder := env.HolderPID()
 	closed = true
 	start := time.Now()
 	err = env.Close()
@@ -97,9 +100,29 @@ func testEnvClose(t *testing.T, killContainerd bool) {
 			t.Errorf("process %s still runs for this environment: %q", e.Name(), cmdline)
 		}
 	}
+	checkHoldersGone(t, env, holder)
+}
+
+// checkHoldersGone asserts that the FUSE holder env's daemon had before
+// Close (pid holder, 0 for none), and any holder naming env's directories,
+// are gone after it.
+func checkHoldersGone(t *testing.T, env *testenv.Env, holder int) {
+	t.Helper()
+	if holder != 0 && processAlive(holder) {
+		t.Errorf("the FUSE holder %d survived Close", holder)
+	}
+	left, err := testenv.HolderProcesses(env.Dir, env.RunDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pid := range left {
+		t.Errorf("FUSE holder %d of the closed environment still runs", pid)
+	}
 }
 
 // killProcessesWith SIGKILLs the processes whose command line contains s.
+// A FUSE holder is never among them, even when its arguments contain s: a
+// test that kills one daemon means to leave the holder to Close.
 func killProcessesWith(t *testing.T, s string) {
 	t.Helper()
 	ents, err := os.ReadDir("/proc")
@@ -113,7 +136,7 @@ func killProcessesWith(t *testing.T, s string) {
 			continue
 		}
 		cmdline, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if strings.Contains(string(cmdline), s) {
+		if strings.Contains(string(cmdline), s) && !isHolderCmdline(cmdline) {
 			if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
 				n++
 			}
@@ -123,4 +146,15 @@ func killProcessesWith(t *testing.T, s string) {
 		t.Fatalf("no process with %q to kill", s)
 	}
 	time.Sleep(100 * time.Millisecond)
+}
+
+// isHolderCmdline reports whether a /proc/PID/cmdline is a lazycas FUSE
+// holder's ("containerd-lazycas-grpc fuse-holder ...").
+func isHolderCmdline(cmdline []byte) bool {
+	for _, a := range strings.Split(string(cmdline), "\x00") {
+		if a == "fuse-holder" {
+			return true
+		}
+	}
+	return false
 }

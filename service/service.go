@@ -26,6 +26,7 @@ import (
 	"github.com/lazycas/lazycas/config"
 	lazyfs "github.com/lazycas/lazycas/fs"
 	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/fs/fuse/holder"
 	"github.com/lazycas/lazycas/fs/profile"
 	"github.com/lazycas/lazycas/fs/remote"
 	"github.com/lazycas/lazycas/metadata"
@@ -52,6 +53,7 @@ type lazy struct {
 	finder  *finder.Finder
 	prof    *profile.DB // nil unless fs.learn
 	learn   *lazyfs.Profiles
+	holder  *holder.Client // nil unless fs.holder
 }
 
 func (l *lazy) close() error {
@@ -59,6 +61,13 @@ func (l *lazy) close() error {
 	if l.fs != nil {
 		if err := l.fs.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("unmount lazy layers: %w", err))
+		}
+	}
+	if l.holder != nil {
+		// After the layers detached: the holder must have every mount
+		// before this process lets go of its copies.
+		if err := l.holder.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("fuse holder: %w", err))
 		}
 	}
 	l.fetcher.Close()
@@ -145,6 +154,18 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		l.learn = lazyfs.NewProfiles(l.prof, 0)
 		fo.Profiles = l.learn
 	}
+	if cfg.FS.Holder {
+		if l.holder, err = holder.Connect(ctx, holder.ClientOptions{
+			Socket: HolderSocket(cfg.Root),
+			Spawn:  func(ctx context.Context) error { return spawnHolder(ctx, cfg) },
+		}); err != nil {
+			return nil, err
+		}
+		fo.Keeper = l.holder
+		if fo.Held, err = takeHeld(ctx, l.holder); err != nil {
+			return nil, err
+		}
+	}
 	l.fs = lazyfs.New(meta, st, l.fetcher, fo)
 	st.SetMaxBytes(cfg.Store.MaxSize.Bytes)
 	log.G(ctx).WithFields(log.Fields{
@@ -179,6 +200,10 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("snapshotter: %w", err)
 	}
+	if lz != nil {
+		// The snapshotter served on every held mount of a snapshot it has.
+		lz.fs.DropUnclaimed(ctx)
+	}
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	return &Service{sn: sn, grpc: srv, lazy: lz}, nil
@@ -212,8 +237,9 @@ func (s *Service) Shutdown(ctx context.Context, grace time.Duration) error {
 	if err := s.sn.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close snapshotter: %w", err))
 	}
-	// Lazy layers cannot be served without this process: unmount them now
-	// (they are mounted again from metadata at the next start).
+	// Lazy layers stay mounted with the fuse holder (readers wait for the
+	// next daemon), or, without one, are unmounted (and mounted again from
+	// metadata at the next start).
 	if s.lazy != nil {
 		if err := s.lazy.close(); err != nil {
 			errs = append(errs, err)

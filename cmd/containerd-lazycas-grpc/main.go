@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/lazycas/lazycas/config"
+	"github.com/lazycas/lazycas/fs/fuse/holder"
 	"github.com/lazycas/lazycas/service"
 )
 
@@ -34,6 +35,9 @@ func main() {
 }
 
 func run(args []string, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == service.HolderCommand {
+		return runHolder(args[1:], stderr)
+	}
 	flags := flag.NewFlagSet("containerd-lazycas-grpc", flag.ContinueOnError)
 	flags.SetOutput(stderr)
 	var (
@@ -134,6 +138,49 @@ func serve(ctx context.Context, cfg config.Config) error {
 	}
 	if err == nil {
 		logger.Info("lazycas stopped")
+	}
+	return err
+}
+
+// runHolder runs the fuse holder: the process that keeps lazy layers'
+// FUSE connections while no daemon serves them (see fs/fuse/holder). The
+// daemon starts it; under a DaemonSet it may run in a pod of its own.
+func runHolder(args []string, stderr io.Writer) error {
+	flags := flag.NewFlagSet("containerd-lazycas-grpc "+service.HolderCommand, flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	var (
+		root       = flags.String("root", config.DefaultRoot, "the daemon's root: the socket and pid file go there unless given")
+		socket     = flags.String("socket", "", "unix socket daemons reach the holder on (default <root>/fuse-holder.sock)")
+		pidFile    = flags.String("pid-file", "", "file to write the holder's pid to (default <root>/fuse-holder.pid)")
+		abortAfter = flags.Duration("abort-after", 5*time.Minute, "give the mounts up when no daemon came back for this long (0: never)")
+		idleExit   = flags.Duration("idle-exit", 30*time.Second, "exit when holding nothing and no daemon connected for this long (0: never)")
+		logLevel   = flags.String("log-level", config.DefaultLogLevel, "trace, debug, info, warn, error, fatal or panic")
+	)
+	if err := flags.Parse(args); err != nil {
+		return err
+	}
+	if flags.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", flags.Args())
+	}
+	if *socket == "" {
+		*socket = service.HolderSocket(*root)
+	}
+	if *pidFile == "" {
+		*pidFile = service.HolderPIDFile(*root)
+	}
+	if err := log.SetLevel(*logLevel); err != nil {
+		return fmt.Errorf("log level: %w", err)
+	}
+	// SIGHUP from a closing terminal is no reason to drop mounts.
+	signal.Ignore(syscall.SIGHUP)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	err := holder.Serve(ctx, holder.ServerOptions{
+		Socket: *socket, PIDFile: *pidFile, AbortAfter: *abortAfter, IdleExit: *idleExit,
+	})
+	if errors.Is(err, holder.ErrRunning) {
+		log.G(ctx).WithField("socket", *socket).Info("a fuse holder already runs here")
+		return nil
 	}
 	return err
 }

@@ -1,5 +1,6 @@
 // Package fuse serves one lazily pulled layer as a read-only FUSE
-// filesystem that overlayfs can stack as a lower layer.
+// filesystem that overlayfs can stack as a lower layer, and keeps serving
+// it across daemon restarts, upgrades and crashes.
 //
 // Everything but file content is answered from metadata/ without the
 // network. Content comes from a Files provider (the shared store), which
@@ -7,23 +8,55 @@
 // Whiteouts are 0:0 character devices and opaque directories carry exactly
 // one opaque xattr, the one the overlay mount reads (trusted.* or, with
 // userxattr, user.*).
+//
+// # Surviving the daemon
+//
+// A mount lives as long as its FUSE connection, and the connection as long
+// as some process has its /dev/fuse fd open. Each mount's fd goes to a
+// Keeper (a holder process, see fs/fuse/holder) along with a record of the
+// connection (the kernel's INIT request and the answer it accepted) and a
+// shared table of what the kernel holds open (opens.go). Requests carry
+// nothing only one process knows: node ids are the layer's inode numbers,
+// a file handle is its inode and open mode. A later process takes the fd
+// back, lets a new go-fuse server answer the recorded INIT (conn.go), asks
+// the kernel to send again the requests the last process read but never
+// answered, and serves on.
+//
+// The states of a mount:
+//
+//	mounting  — Mount: connection opened, mount(2), INIT read and answered
+//	            through go-fuse, fds handed to the Keeper.
+//	serving   — this process answers every request.
+//	detached  — Detach (the daemon stops): requests already being answered
+//	            finish, later ones are left unanswered; the Keeper holds the
+//	            connection and the kernel queues requests (readers wait).
+//	held      — no process serves: after a Detach or a crash. A crashed
+//	            process's unanswered requests wait on the connection too.
+//	resumed   — Resume: a new process takes the fds, answers the recorded
+//	            INIT, asks for the unanswered requests again (Linux 6.9's
+//	            FUSE_NOTIFY_RESEND) and is serving.
+//	unmounted — Unmount (the snapshot is removed): umount, the Keeper lets
+//	            go, the connection ends.
+//	abandoned — no process resumed it in the Keeper's time: the Keeper lets
+//	            go, the kernel aborts the connection and readers get
+//	            ENOTCONN instead of waiting for good.
 package fuse
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"sort"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/containerd/log"
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
+	"github.com/lazycas/lazycas/fs/fuse/holder"
 	"github.com/lazycas/lazycas/metadata"
 )
 
@@ -53,6 +86,14 @@ type PieceReader interface {
 	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 }
 
+// Keeper holds mounts' connections while no process serves them.
+type Keeper interface {
+	// Put keeps copies of fds and record under key, replacing any.
+	Put(key string, record []byte, fds ...int) error
+	// Delete lets go of key.
+	Delete(key string) error
+}
+
 // Options configure a mount.
 type Options struct {
 	// FsName is shown as the mount's source in /proc/mounts.
@@ -70,6 +111,8 @@ type Options struct {
 	// Passthrough lets the kernel read opened files directly from the
 	// store's object files (FUSE passthrough) where it can.
 	Passthrough bool
+	// Keeper, if set, holds the mount's connection between processes.
+	Keeper Keeper
 	// Debug logs every FUSE request.
 	Debug bool
 }
@@ -78,8 +121,13 @@ type Options struct {
 type Layer struct {
 	dir         string
 	dev         uint64 // the mount's device: names its fusectl connection
+	fd          int    // this process's copy of the connection
 	server      *fuse.Server
+	served      chan struct{} // closed when the server stops
+	fs          *layerFS
+	opens       *openTable
 	stats       *Stats
+	keeper      Keeper
 	passthrough bool
 }
 
@@ -92,51 +140,207 @@ type Stats struct {
 // a layer never changes while mounted.
 const cacheTimeout = 24 * time.Hour
 
-// Mount serves layer l on dir.
-func Mount(ctx context.Context, dir string, l *metadata.Layer, files Files, opts Options) (*Layer, error) {
-	rootMeta, err := l.Node(metadata.RootID)
-	if err != nil {
-		return nil, fmt.Errorf("mount %s: %w", dir, err)
+// recordVersion is the version of the record a Keeper holds per mount.
+const recordVersion = 1
+
+// record is what a later process needs to serve a held connection; fds
+// travel beside it: the connection, then the open table.
+type record struct {
+	Version int    `json:"version"`
+	Dir     string `json:"dir"`
+	Dev     uint64 `json:"dev"`
+	Layer   string `json:"layer"`
+	Init    []byte `json:"init"`   // the kernel's INIT request
+	Answer  []byte `json:"answer"` // the INIT answer the kernel accepted
+}
+
+func mountOptions(opts Options) fuse.MountOptions {
+	return fuse.MountOptions{
+		AllowOther:    true,
+		FsName:        opts.FsName,
+		Name:          "lazycas",
+		MaxReadAhead:  1 << 20,
+		MaxWrite:      maxWrite,
+		Debug:         opts.Debug,
+		MaxStackDepth: 1,
 	}
+}
+
+type mount struct {
+	layer       *metadata.Layer
+	files       Files
+	opts        Options
+	stats       *Stats
+	log         *log.Entry
+	passthrough atomic.Bool // known once INIT is answered
+}
+
+func newMount(ctx context.Context, l *metadata.Layer, files Files, opts Options) *mount {
 	if opts.OpaqueXattr == "" {
 		opts.OpaqueXattr = OpaqueXattrTrusted
 	}
-	st := &Stats{}
-	m := &mount{layer: l, files: files, opts: opts, stats: st, log: log.G(ctx).WithField("layer", l.Info.Digest)}
-	root := &node{m: m, meta: rootMeta}
-	timeout := cacheTimeout
-	server, err := fs.Mount(dir, root, &fs.Options{
-		MountOptions: fuse.MountOptions{
-			AllowOther:  true,
-			FsName:      opts.FsName,
-			Name:        "lazycas",
-			DirectMount: true,
-			// The kernel checks permissions from the modes we report, as
-			// for any other read-only filesystem.
-			Options:       []string{"ro", "default_permissions"},
-			MaxReadAhead:  1 << 20,
-			Debug:         opts.Debug,
-			MaxStackDepth: 1,
-		},
-		// Report modes as the layer has them: without this, go-fuse shows
-		// a file of mode 0000 (/etc/shadow on RHEL) as 0644.
-		NullPermissions: true,
-		EntryTimeout:    &timeout,
-		AttrTimeout:     &timeout,
-		NegativeTimeout: &timeout,
-		RootStableAttr:  &fs.StableAttr{Ino: metadata.RootID},
-	})
+	return &mount{layer: l, files: files, opts: opts, stats: &Stats{}, log: log.G(ctx).WithField("layer", l.Info.Digest)}
+}
+
+// Mount serves layer l on dir.
+func Mount(ctx context.Context, dir string, l *metadata.Layer, files Files, opts Options) (_ *Layer, retErr error) {
+	if _, err := l.Node(metadata.RootID); err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	opens, err := newOpenTable(uint64(l.Info.Nodes) + metadata.RootID)
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	pt := opts.Passthrough && server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0
-	m.passthrough.Store(pt)
-	var stat unix.Stat_t
-	if err := unix.Stat(dir, &stat); err != nil {
-		server.Unmount()
+	fd, err := mountConn(dir, opts)
+	if err != nil {
+		opens.close()
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	return &Layer{dir: dir, dev: stat.Dev, server: server, stats: st, passthrough: pt}, nil
+	defer func() {
+		if retErr != nil {
+			_ = unix.Unmount(dir, unix.MNT_DETACH)
+			unix.Close(fd)
+			opens.close()
+		}
+	}()
+	init, err := readInit(fd)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	m := newMount(ctx, l, files, opts)
+	raw := newLayerFS(m, opens)
+	srv, answer, err := serveConn(raw, fd, init, mountOptions(opts))
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	if err := writeAll(fd, answer); err != nil {
+		return nil, fmt.Errorf("mount %s: answer INIT: %w", dir, err)
+	}
+	rec := record{Version: recordVersion, Dir: dir, Layer: l.Info.Digest, Init: init, Answer: answer}
+	fl, err := start(ctx, srv, raw, fd, rec, opens)
+	if err != nil {
+		return nil, err
+	}
+	disablePoll(dir)
+	return fl, nil
+}
+
+// disablePoll makes the kernel stop sending POLL to the mount, for good
+// (a connection's setting: resumed mounts keep it). Go registers every
+// file it opens with epoll, and the kernel asks a FUSE server about each;
+// the runtime does that without leaving its scheduler, so a FUSE file
+// opened by a process serving it can stall that process's garbage
+// collector for good. go-fuse answers POLL on its own with ENOSYS for a
+// name it reserves, here asked with a real system call.
+func disablePoll(dir string) {
+	fd, err := unix.Open(dir+"/.go-fuse-epoll-hack", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+	unix.Close(fd)
+}
+
+// start serves a connection whose INIT is answered and hands it to the
+// Keeper.
+func start(ctx context.Context, srv *fuse.Server, raw *layerFS, fd int, rec record, opens *openTable) (*Layer, error) {
+	m := raw.m
+	pt := m.opts.Passthrough && initFlags(rec.Answer)&fuse.CAP_PASSTHROUGH != 0
+	m.passthrough.Store(pt)
+	fl := &Layer{dir: rec.Dir, fd: fd, server: srv, served: make(chan struct{}), fs: raw, opens: opens,
+		stats: m.stats, keeper: m.opts.Keeper, passthrough: pt}
+	go func() {
+		defer close(fl.served)
+		srv.Serve()
+	}()
+	var st unix.Stat_t
+	if err := unix.Stat(rec.Dir, &st); err != nil {
+		_ = fl.Unmount()
+		return nil, fmt.Errorf("mount %s: %w", rec.Dir, err)
+	}
+	fl.dev = st.Dev
+	rec.Dev = st.Dev
+	if fl.keeper != nil {
+		b, err := json.Marshal(rec)
+		if err == nil {
+			err = fl.keeper.Put(rec.Dir, b, fd, opens.fd)
+		}
+		if err != nil {
+			// The mount works; it just dies with this process.
+			m.log.WithError(err).Warn("the fuse holder does not keep this mount: it will not survive a restart of the daemon")
+		}
+	}
+	return fl, nil
+}
+
+// Held is a connection a Keeper kept: what Resume takes.
+type Held struct {
+	Record []byte
+	// Fds are the connection and the open table; Resume owns them.
+	Fds []int
+}
+
+// HeldDir returns the mountpoint a held record names.
+func HeldDir(b []byte) (string, error) {
+	var rec record
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return "", fmt.Errorf("held mount record: %w", err)
+	}
+	return rec.Dir, nil
+}
+
+// ErrGone is returned by Resume for a held connection whose mount is gone.
+var ErrGone = errors.New("the held mount is gone")
+
+// Resume serves again, on dir, the connection of layer l that h holds.
+// The kernel's requests waiting on it are answered; requests a dead
+// process read and never answered are sent again.
+func Resume(ctx context.Context, dir string, l *metadata.Layer, files Files, opts Options, h Held) (_ *Layer, retErr error) {
+	var rec record
+	fail := func(err error) (*Layer, error) {
+		for _, fd := range h.Fds {
+			unix.Close(fd)
+		}
+		return nil, fmt.Errorf("resume %s: %w", dir, err)
+	}
+	if err := json.Unmarshal(h.Record, &rec); err != nil {
+		return fail(err)
+	}
+	if rec.Version != recordVersion {
+		return fail(fmt.Errorf("held record version %d, this daemon reads %d", rec.Version, recordVersion))
+	}
+	if len(h.Fds) != 2 {
+		return fail(fmt.Errorf("held with %d fds, want 2", len(h.Fds)))
+	}
+	if rec.Dir != dir || rec.Layer != l.Info.Digest {
+		return fail(fmt.Errorf("held record is of %s on %s", rec.Layer, rec.Dir))
+	}
+	fd := h.Fds[0]
+	var st unix.Stat_t
+	if holder.Dead(fd) || unix.Stat(dir, &st) != nil || st.Dev != rec.Dev {
+		return fail(ErrGone)
+	}
+	opens, err := mapOpenTable(h.Fds[1])
+	if err != nil {
+		return fail(err)
+	}
+	m := newMount(ctx, l, files, opts)
+	raw := newLayerFS(m, opens)
+	srv, answer, err := serveConn(raw, fd, rec.Init, mountOptions(opts))
+	if err != nil {
+		unix.Close(fd)
+		opens.close()
+		return nil, fmt.Errorf("resume %s: %w", dir, err)
+	}
+	if now, then := initFlags(answer), initFlags(rec.Answer); now != then {
+		// The kernel keeps what it agreed to with the first process.
+		m.log.WithFields(log.Fields{"kernel": fmt.Sprintf("%#x", then), "server": fmt.Sprintf("%#x", now)}).
+			Warn("this daemon would have agreed to other FUSE capabilities: the connection keeps the first ones")
+	}
+	if err := notifyResend(fd); err != nil {
+		m.log.WithError(err).Warn("cannot ask the kernel to resend unanswered requests (it takes Linux 6.9): their readers wait until the mount goes")
+	}
+	return start(ctx, srv, raw, fd, rec, opens)
 }
 
 // Passthrough reports whether the kernel reads this layer's open files
@@ -145,6 +349,23 @@ func (l *Layer) Passthrough() bool { return l.passthrough }
 
 // Stats returns the mount's operation counters.
 func (l *Layer) Stats() *Stats { return l.stats }
+
+// Detach stops answering requests, for a process about to exit that leaves
+// the mount to its Keeper: requests being answered finish (for at most
+// wait), later ones are left for the next process. The mount stays.
+func (l *Layer) Detach(wait time.Duration) {
+	l.fs.detached.Store(true)
+	done := make(chan struct{})
+	go func() {
+		l.fs.gate.Lock()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(wait):
+		// Those still running never answer either (see layerFS.enter).
+	}
+}
 
 // unmountWait bounds how long Unmount waits for the kernel to let go of
 // the mount before it aborts the FUSE connection.
@@ -157,37 +378,39 @@ const unmountWait = 3 * time.Second
 // through fusectl, and the remaining users get ENOTCONN, as they would
 // from a dead daemon. Unmount never leaves a mount behind or blocks for good.
 func (l *Layer) Unmount() error {
-	done := make(chan error, 1)
-	go func() {
-		err := l.server.Unmount()
-		if err != nil {
-			if derr := syscall.Unmount(l.dir, syscall.MNT_DETACH); derr != nil && !errors.Is(derr, syscall.EINVAL) {
-				err = fmt.Errorf("unmount %s: %w (detach: %v)", l.dir, err, derr)
-			} else {
-				err = nil
-			}
+	defer l.release()
+	if err := unix.Unmount(l.dir, 0); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		if derr := unix.Unmount(l.dir, unix.MNT_DETACH); derr != nil && !errors.Is(derr, unix.EINVAL) {
+			return fmt.Errorf("unmount %s: %w (detach: %v)", l.dir, err, derr)
 		}
-		if err == nil {
-			l.server.Wait()
-		}
-		done <- err
-	}()
+	}
 	select {
-	case err := <-done:
-		return err
+	case <-l.served:
+		return nil
 	case <-time.After(unmountWait):
 	}
-	// Detach, in case the unmount itself is what waits, then abort.
-	_ = syscall.Unmount(l.dir, syscall.MNT_DETACH)
 	if err := abortConnection(l.dev); err != nil {
 		return fmt.Errorf("unmount %s: still in use after %s and cannot abort it: %w", l.dir, unmountWait, err)
 	}
 	select {
-	case err := <-done:
-		return err
+	case <-l.served:
+		return nil
 	case <-time.After(unmountWait):
 		return fmt.Errorf("unmount %s: the server did not stop after its connection was aborted", l.dir)
 	}
+}
+
+// release lets go of everything the mount held in this process and in
+// the Keeper.
+func (l *Layer) release() {
+	if l.keeper != nil {
+		if err := l.keeper.Delete(l.dir); err != nil {
+			l.fs.m.log.WithError(err).Warn("the fuse holder keeps an unmounted mount's connection (it drops it once it sees it gone)")
+		}
+	}
+	l.fs.closeFiles()
+	unix.Close(l.fd)
+	l.opens.close()
 }
 
 // abortConnection aborts the FUSE connection of the filesystem with
@@ -202,38 +425,6 @@ func abortConnection(dev uint64) error {
 	}
 	return os.WriteFile(p, []byte("1"), 0o200)
 }
-
-type mount struct {
-	layer       *metadata.Layer
-	files       Files
-	opts        Options
-	stats       *Stats
-	log         *log.Entry
-	passthrough atomic.Bool // known once the kernel answered INIT
-}
-
-type node struct {
-	fs.Inode
-	m    *mount
-	meta *metadata.Node
-	// cachedOpens counts this inode's open handles not offered for
-	// passthrough (files still being fetched, or passthrough off): while
-	// one is open, the kernel fails a passthrough open of the inode with
-	// EIO, so none is offered.
-	cachedOpens atomic.Int32
-}
-
-var (
-	_ fs.NodeLookuper    = (*node)(nil)
-	_ fs.NodeGetattrer   = (*node)(nil)
-	_ fs.NodeReaddirer   = (*node)(nil)
-	_ fs.NodeReadlinker  = (*node)(nil)
-	_ fs.NodeGetxattrer  = (*node)(nil)
-	_ fs.NodeListxattrer = (*node)(nil)
-	_ fs.NodeOpener      = (*node)(nil)
-	_ fs.NodeStatfser    = (*node)(nil)
-	_ fs.NodeFlusher     = (*node)(nil)
-)
 
 func typeBits(t metadata.Type) uint32 {
 	switch t {
@@ -276,192 +467,4 @@ func fillAttr(n *metadata.Node, a *fuse.Attr) {
 // devNumber encodes a device number the way Linux's new_encode_dev does.
 func devNumber(major, minor uint32) uint64 {
 	return uint64(minor&0xff) | uint64(major&0xfff)<<8 | uint64(minor&^0xff)<<12
-}
-
-func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	n.m.stats.Lookups.Add(1)
-	child, err := n.m.layer.Lookup(n.meta.ID, name)
-	if errors.Is(err, metadata.ErrNotFound) {
-		return nil, syscall.ENOENT
-	}
-	if err != nil {
-		n.m.log.WithError(err).WithField("name", name).Error("lookup")
-		return nil, syscall.EIO
-	}
-	fillAttr(child, &out.Attr)
-	return n.NewInode(ctx, &node{m: n.m, meta: child}, fs.StableAttr{Mode: typeBits(child.Type), Ino: child.ID}), 0
-}
-
-func (n *node) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	n.m.stats.Getattrs.Add(1)
-	fillAttr(n.meta, &out.Attr)
-	return 0
-}
-
-func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	n.m.stats.Readdirs.Add(1)
-	ents, err := n.m.layer.ReadDir(n.meta.ID)
-	if err != nil {
-		n.m.log.WithError(err).WithField("inode", n.meta.ID).Error("readdir")
-		return nil, syscall.EIO
-	}
-	// "." and ".." come first, as from any disk filesystem: programs that
-	// count a directory's entries expect them (the root's ".." is itself).
-	parent := n.meta.ID
-	if _, p := n.Parent(); p != nil {
-		parent = p.StableAttr().Ino
-	}
-	list := make([]fuse.DirEntry, 0, len(ents)+2)
-	list = append(list,
-		fuse.DirEntry{Name: ".", Ino: n.meta.ID, Mode: syscall.S_IFDIR},
-		fuse.DirEntry{Name: "..", Ino: parent, Mode: syscall.S_IFDIR})
-	for _, e := range ents {
-		list = append(list, fuse.DirEntry{Name: e.Name, Ino: e.ID, Mode: typeBits(e.Type)})
-	}
-	return fs.NewListDirStream(list), 0
-}
-
-func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
-	if n.meta.Type != metadata.TypeSymlink {
-		return nil, syscall.EINVAL
-	}
-	return []byte(n.meta.Link), 0
-}
-
-func (n *node) xattr(name string) ([]byte, bool) {
-	if name == n.m.opts.OpaqueXattr {
-		return []byte("y"), n.meta.Opaque
-	}
-	v, ok := n.meta.Xattrs[name]
-	return v, ok
-}
-
-// Flush answers ENOSYS: a read-only layer has nothing to write back when
-// a file is closed, and after that answer the kernel sends no FLUSH to the
-// mount again (without it, every close() cost a round trip to us).
-func (n *node) Flush(ctx context.Context, f fs.FileHandle) syscall.Errno {
-	n.m.stats.Flushes.Add(1)
-	return syscall.ENOSYS
-}
-
-func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
-	if n.m.opts.NoXattrs {
-		return 0, syscall.ENOSYS
-	}
-	v, ok := n.xattr(attr)
-	if !ok {
-		return 0, syscall.ENODATA
-	}
-	if len(dest) < len(v) {
-		return uint32(len(v)), syscall.ERANGE
-	}
-	return uint32(copy(dest, v)), 0
-}
-
-func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	names := make([]string, 0, len(n.meta.Xattrs)+1)
-	for k := range n.meta.Xattrs {
-		names = append(names, k)
-	}
-	if n.meta.Opaque {
-		names = append(names, n.m.opts.OpaqueXattr)
-	}
-	sort.Strings(names)
-	var buf []byte
-	for _, k := range names {
-		buf = append(append(buf, k...), 0)
-	}
-	if len(dest) < len(buf) {
-		return uint32(len(buf)), syscall.ERANGE
-	}
-	return uint32(copy(dest, buf)), 0
-}
-
-func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
-	out.Bsize = 4096
-	out.Frsize = 4096
-	out.NameLen = 255
-	out.Files = uint64(n.m.layer.Info.Nodes)
-	return 0
-}
-
-func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
-		return nil, 0, syscall.EROFS
-	}
-	if n.meta.Type != metadata.TypeReg {
-		return nil, 0, syscall.EINVAL
-	}
-	n.m.stats.Opens.Add(1)
-	if n.meta.Size == 0 {
-		return emptyFile{}, fuse.FOPEN_KEEP_CACHE, 0
-	}
-	f, err := n.m.files.Open(ctx, n.meta)
-	if err != nil {
-		n.m.stats.OpenErrors.Add(1)
-		n.m.log.WithError(err).WithField("inode", n.meta.ID).WithField("digest", n.meta.Digest).
-			Error("cannot serve file content: reads fail with EIO")
-		return nil, 0, syscall.EIO
-	}
-	h := &file{
-		f: f, stats: n.m.stats,
-		log: n.m.log.WithFields(log.Fields{"inode": n.meta.ID, "digest": n.meta.Digest}),
-	}
-	_, partial := f.(PieceReader)
-	h.passthrough = n.m.passthrough.Load() && !partial && n.cachedOpens.Load() == 0
-	if !h.passthrough {
-		h.cached = &n.cachedOpens
-		h.cached.Add(1)
-	}
-	return h, fuse.FOPEN_KEEP_CACHE, 0
-}
-
-// file serves a regular file from its verified object.
-type file struct {
-	f           File
-	passthrough bool          // offered for passthrough
-	cached      *atomic.Int32 // its node's cachedOpens when not offered
-	stats       *Stats
-	log         *log.Entry
-}
-
-var (
-	_ fs.FileReader          = (*file)(nil)
-	_ fs.FileReleaser        = (*file)(nil)
-	_ fs.FilePassthroughFder = (*file)(nil)
-)
-
-func (f *file) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	f.stats.Reads.Add(1)
-	if pr, ok := f.f.(PieceReader); ok {
-		n, err := pr.ReadAt(ctx, dest, off)
-		if err != nil {
-			f.stats.ReadErrors.Add(1)
-			f.log.WithError(err).Error("cannot serve file content: read fails with EIO")
-			return nil, syscall.EIO
-		}
-		return fuse.ReadResultData(dest[:n]), 0
-	}
-	return fuse.ReadResultFd(f.f.Fd(), off, len(dest)), 0
-}
-
-func (f *file) PassthroughFd() (int, bool) {
-	if !f.passthrough {
-		return 0, false
-	}
-	return int(f.f.Fd()), true
-}
-
-func (f *file) Release(ctx context.Context) syscall.Errno {
-	if f.cached != nil {
-		f.cached.Add(-1)
-	}
-	f.f.Close()
-	return 0
-}
-
-type emptyFile struct{}
-
-func (emptyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	return fuse.ReadResultData(nil), 0
 }

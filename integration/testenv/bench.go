@@ -75,6 +75,11 @@ func (e *Env) ResetNode(ctx context.Context) error {
 	if err := e.daemon.stop(stopGrace); err != nil {
 		errs = append(errs, err)
 	}
+	// A new node has no holder either: it would keep the old layers'
+	// FUSE connections, unmounted below, for nobody.
+	if err := killHolders(e.DaemonRoot, e.Dir, e.RunDir); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("reset node: %w", errors.Join(errs...))
 	}
@@ -98,12 +103,19 @@ func (e *Env) ResetNode(ctx context.Context) error {
 
 // RemoveLeftovers cleans up after an environment whose owner was killed
 // before Close: it kills the containerd shims serving runDir's containerd
-// socket (the daemons themselves die with their parent), then unmounts
-// everything under workDir and runDir and removes both. Either may be "".
+// socket and the lazycas FUSE holder of workDir's daemon (the daemons
+// themselves die with their parent; the holder, in a session of its own
+// and not the owner's child, does not), then unmounts everything under
+// workDir and runDir and removes both. Either may be "".
 func RemoveLeftovers(workDir, runDir string) error {
 	var errs []error
 	if runDir != "" {
 		if err := killShims(filepath.Join(runDir, "containerd.sock")); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if workDir != "" {
+		if err := killHolders(filepath.Join(workDir, daemonRootName), workDir, runDir); err != nil {
 			errs = append(errs, err)
 		}
 	}

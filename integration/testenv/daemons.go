@@ -169,8 +169,19 @@ func (e *Env) DaemonSnapshotter() (snapshots.Snapshotter, func(), error) {
 	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), Snapshotter), func() { conn.Close() }, nil
 }
 
+// SetDaemonPath replaces the containerd-lazycas-grpc binary
+// (Options.DaemonPath) for the daemon's next start: RestartDaemon after it
+// is an upgrade in place.
+func (e *Env) SetDaemonPath(path string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.opts.DaemonPath = path
+}
+
 // RestartDaemon stops the lazycas daemon (SIGTERM, SIGKILL after a grace
-// period) and starts it again on the same root and socket.
+// period) and starts it again on the same root and socket. The FUSE
+// holder, when the daemon has one, outlives the stop; the new daemon takes
+// its connections over.
 func (e *Env) RestartDaemon(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -6,10 +6,10 @@
 //
 // Contract: Start either returns a running environment or cleans up what it
 // started. Close always stops every process the environment started (and
-// the containerd shims they left), unmounts everything under its
-// directories, and removes them; it is safe after a half-finished Start or
-// a failed test, and idempotent. Nothing here touches the host's own
-// containerd: sockets, state and roots are private.
+// the containerd shims and the lazycas FUSE holder they left), unmounts
+// everything under its directories, and removes them; it is safe after a
+// half-finished Start or a failed test, and idempotent. Nothing here
+// touches the host's own containerd: sockets, state and roots are private.
 package testenv
 
 import (
@@ -42,7 +42,8 @@ type Options struct {
 	// WorkDir is the environment's private directory; it must exist and
 	// is removed by Close. Required.
 	WorkDir string
-	// DaemonPath is the containerd-lazycas-grpc binary. Required.
+	// DaemonPath is the containerd-lazycas-grpc binary. Required. SetDaemonPath
+	// replaces it for later starts.
 	DaemonPath string
 	// DaemonConfig is the content of the daemon's TOML config; empty means
 	// all defaults.
@@ -93,6 +94,9 @@ type Env struct {
 	closeErr  error
 }
 
+// daemonRootName is the daemon's root directory in the work directory.
+const daemonRootName = "lazycas"
+
 // Log files in the work directory, one per daemon.
 const (
 	registryLog   = "registry.log"
@@ -122,7 +126,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 		RunDir:            runDir,
 		ContainerdAddress: filepath.Join(runDir, "containerd.sock"),
 		DaemonAddress:     filepath.Join(runDir, "lazycas.sock"),
-		DaemonRoot:        filepath.Join(dir, "lazycas"),
+		DaemonRoot:        filepath.Join(dir, daemonRootName),
 		Namespace:         opts.Namespace,
 		opts:              opts,
 		logf:              opts.Logf,
@@ -188,6 +192,12 @@ func (e *Env) close() error {
 		errs = append(errs, err)
 	}
 	if err := e.daemon.stop(stopGrace); err != nil {
+		errs = append(errs, err)
+	}
+	// The holder keeps the lazy layers' FUSE connections alive past the
+	// daemon: killed after it, so that nothing serves them any more, and
+	// before the unmount, which would otherwise leave it running.
+	if err := killHolders(e.DaemonRoot, e.Dir, e.RunDir); err != nil {
 		errs = append(errs, err)
 	}
 	if err := e.registry.stop(stopGrace); err != nil {

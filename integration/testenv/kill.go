@@ -15,9 +15,11 @@ const killWait = 10 * time.Second
 
 // KillDaemon kills the lazycas daemon's process group with SIGKILL, as a
 // crash or the OOM killer would, and waits until it is reaped. Its FUSE
-// mounts stay behind, dead ("transport endpoint is not connected"), until
-// a restarted daemon remounts them or Close unmounts them. It fails when
-// the daemon had already exited.
+// mounts stay behind: kept by its FUSE holder, in a session of its own
+// that the kill does not reach, until StartDaemonAgain's daemon takes them
+// over (reads wait meanwhile); without a holder, dead ("transport endpoint
+// is not connected") until Close unmounts them. It fails when the daemon
+// had already exited.
 func (e *Env) KillDaemon() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()

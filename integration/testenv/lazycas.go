@@ -160,10 +160,17 @@ func (e *Env) PullOn(ctx context.Context, sn, ref string, opts ...client.RemoteO
 
 // NewContainerOn is NewContainer on snapshotter sn.
 func (e *Env) NewContainerOn(ctx context.Context, sn string, img client.Image, id string, args ...string) (client.Container, error) {
+	return e.NewContainerWith(ctx, sn, img, id, args)
+}
+
+// NewContainerWith is NewContainerOn with more spec options (bind mounts,
+// environment), applied after the image's config and args.
+func (e *Env) NewContainerWith(ctx context.Context, sn string, img client.Image, id string, args []string, more ...oci.SpecOpts) (client.Container, error) {
 	specOpts := []oci.SpecOpts{oci.WithImageConfig(img)}
 	if len(args) > 0 {
 		specOpts = append(specOpts, oci.WithProcessArgs(args...))
 	}
+	specOpts = append(specOpts, more...)
 	c, err := e.Client.NewContainer(e.Context(ctx), id,
 		client.WithImage(img),
 		client.WithSnapshotter(sn),
