@@ -101,6 +101,10 @@ type FS struct {
 	// the next daemon serves them on; containers' reads wait meanwhile.
 	// Off, stopping the daemon unmounts its lazy layers.
 	Holder bool `toml:"holder"`
+	// HolderSpawn lets the daemon start the holder when none answers on
+	// <root>/fuse-holder.sock. Turn it off where the holder runs apart
+	// (a DaemonSet of its own), so the daemon waits for that one.
+	HolderSpawn bool `toml:"holder_spawn"`
 	// HolderAbortAfter is how long the holder waits for a daemon to come
 	// back before it gives the mounts up, so that readers get an error
 	// rather than wait for good, e.g. "5m"; "0" waits for good.
@@ -207,7 +211,7 @@ func Default() Config {
 		LogFormat: DefaultLogFormat,
 		FS: FS{
 			Lazy: true, Passthrough: true, Prefetch: true, StartupFetch: true, BackgroundFetch: true, FetchConcurrency: 2,
-			BackgroundDelay: Duration{2 * time.Second}, Holder: true, HolderAbortAfter: Duration{5 * time.Minute},
+			BackgroundDelay: Duration{2 * time.Second}, Holder: true, HolderSpawn: true, HolderAbortAfter: Duration{5 * time.Minute},
 		},
 		Containerd: Containerd{Address: DefaultContainerdAddress},
 		Store:      Store{PartialMinSize: Size{4 << 20}, Verity: true},

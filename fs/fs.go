@@ -73,6 +73,8 @@ type Options struct {
 	// Held are connections a Keeper kept from an earlier process, by
 	// mountpoint: Restore serves them on.
 	Held map[string]fuse.Held
+	// HeldSince is when the last process stopped serving Held.
+	HeldSince time.Time
 }
 
 // LayerFinder finds the image repository and blob of a lazy layer from
@@ -107,9 +109,11 @@ type FileSystem struct {
 	specMu sync.Mutex
 	spec   map[*window]struct{} // fills in flight holding speculation
 
-	heldMu  sync.Mutex
-	held    map[string]fuse.Held // connections not resumed yet, by mountpoint
-	resumed atomic.Int64         // layers served on from an earlier process
+	heldMu     sync.Mutex
+	held       map[string]fuse.Held // connections not resumed yet, by mountpoint
+	resumed    atomic.Int64         // layers served on from an earlier process
+	resumeFail atomic.Int64         // held mounts mounted anew instead
+	lastResume atomic.Int64         // unix nanoseconds the last one was served on
 }
 
 // New returns a FileSystem keeping TOCs in meta and file contents in st.
@@ -266,8 +270,10 @@ func (f *FileSystem) Restore(ctx context.Context, key, mountpoint string) error 
 		_, err := f.serve(ctx, key, mountpoint, nil, nil, &h)
 		if err == nil {
 			f.resumed.Add(1)
+			f.lastResume.Store(time.Now().UnixNano())
 			return nil
 		}
+		f.resumeFail.Add(1)
 		if errors.Is(err, fuse.ErrGone) {
 			log.G(ctx).WithField("mountpoint", mountpoint).Info("the held mount is gone: mounting the layer anew")
 		} else {
@@ -285,12 +291,19 @@ func (f *FileSystem) Restore(ctx context.Context, key, mountpoint string) error 
 }
 
 // DropUnclaimed unmounts the held mounts no Restore took (their snapshot
-// is gone: a crash between mounting and committing, or during Remove).
+// is gone: a crash between mounting and committing, or during Remove),
+// and logs the handover.
 func (f *FileSystem) DropUnclaimed(ctx context.Context) {
 	f.heldMu.Lock()
 	held := f.held
 	f.held = map[string]fuse.Held{}
 	f.heldMu.Unlock()
+	if h := f.handover(); h.Resumed > 0 || h.Failed > 0 {
+		log.G(ctx).WithFields(log.Fields{
+			"resumed": h.Resumed, "failed": h.Failed, "unclaimed": len(held),
+			"unserved": h.Waited.Round(time.Millisecond),
+		}).Info("took over the mounts of the last daemon: their readers waited at most this long")
+	}
 	for dir, h := range held {
 		for _, fd := range h.Fds {
 			syscall.Close(fd)
@@ -670,11 +683,34 @@ type Stats struct {
 	Store   store.Stats  `json:"store"`
 	Fetch   remote.Stats `json:"fetch"`
 	Mounted int          `json:"mountedLayers"`
-	// Resumed counts the layers this process serves on from mounts an
-	// earlier one left to the holder (their containers never saw it go).
-	Resumed     int64        `json:"resumedLayers"`
+	// Handover is how this process took over from the last one.
+	Handover    Handover     `json:"handover"`
 	Passthrough bool         `json:"passthrough"`
 	Images      []ImageStats `json:"images"`
+}
+
+// Handover is how a daemon took over the mounts the last one left.
+type Handover struct {
+	// Resumed counts layers served on from the last daemon's mounts:
+	// their containers saw reads wait, never fail.
+	Resumed int64 `json:"resumedLayers"`
+	// Failed counts held mounts that could not be served on (mounted
+	// anew: their readers got errors).
+	Failed int64 `json:"failed"`
+	// Waited is the longest any read of them waited for a daemon: from
+	// the last daemon's end until this one served the last of them.
+	Waited time.Duration `json:"waitedNs"`
+	// Resent counts requests the last daemon read and never answered,
+	// answered by this one.
+	Resent int64 `json:"resentRequests"`
+}
+
+func (f *FileSystem) handover() Handover {
+	h := Handover{Resumed: f.resumed.Load(), Failed: f.resumeFail.Load()}
+	if last := f.lastResume.Load(); last > 0 && !f.opts.HeldSince.IsZero() {
+		h.Waited = time.Unix(0, last).Sub(f.opts.HeldSince)
+	}
+	return h
 }
 
 // ImageStats sums the layers mounted from one image reference.
@@ -694,7 +730,10 @@ func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
 	st.Fetch = f.fetcher.Stats()
 	f.mu.Lock()
 	st.Mounted = len(f.layers)
-	st.Resumed = f.resumed.Load()
+	st.Handover = f.handover()
+	for _, m := range f.layers {
+		st.Handover.Resent += m.fuse.Stats().Resent.Load()
+	}
 	for _, m := range f.layers {
 		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
 	}

@@ -919,6 +919,19 @@ func (s *survival) report() {
 		}
 		t.Logf("phase %s (%d daemon events, %s): max stall %s (%s %s); %s", ph.name, len(ph.events),
 			ph.end.Sub(ph.start).Round(time.Millisecond), d.Round(time.Millisecond), who, what, strings.Join(rounds, ", "))
+		if len(ph.events) > 0 {
+			// The stall distribution README and `make bench-restart` report.
+			stalls := make([]time.Duration, 0, len(ph.events))
+			for _, ev := range ph.events {
+				stalls = append(stalls, ev.slowest)
+			}
+			sort.Slice(stalls, func(i, j int) bool { return stalls[i] < stalls[j] })
+			pct := func(p float64) time.Duration {
+				return stalls[int(p*float64(len(stalls)-1)+0.5)].Round(time.Millisecond)
+			}
+			t.Logf("stall distribution, %s: n=%d min %s p50 %s p90 %s max %s (per event, the slowest single read or walk step of any reader)",
+				ph.name, len(stalls), pct(0), pct(0.5), pct(0.9), pct(1))
+		}
 		if d > longest {
 			longest, longestAt = d, fmt.Sprintf("%s, %s %s", ph.name, who, what)
 		}

@@ -155,15 +155,20 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		fo.Profiles = l.learn
 	}
 	if cfg.FS.Holder {
-		if l.holder, err = holder.Connect(ctx, holder.ClientOptions{
-			Socket: HolderSocket(cfg.Root),
-			Spawn:  func(ctx context.Context) error { return spawnHolder(ctx, cfg) },
-		}); err != nil {
-			return nil, err
+		var spawn func(context.Context) error
+		if cfg.FS.HolderSpawn {
+			spawn = func(ctx context.Context) error { return spawnHolder(ctx, cfg) }
+		}
+		l.holder, err = holder.Connect(ctx, holder.ClientOptions{Socket: HolderSocket(cfg.Root), Spawn: spawn})
+		if err != nil {
+			// Serving without is better than not serving: the holder gets
+			// the mounts once it answers.
+			log.G(ctx).WithError(err).Error("no fuse holder: until one answers, lazy layers do not survive a restart of the daemon")
 		}
 		fo.Keeper = l.holder
+		fo.HeldSince = time.Now().Add(-l.holder.Orphaned())
 		if fo.Held, err = takeHeld(ctx, l.holder); err != nil {
-			return nil, err
+			log.G(ctx).WithError(err).Error("cannot take the mounts the fuse holder kept: they are mounted anew, and their readers get errors")
 		}
 	}
 	l.fs = lazyfs.New(meta, st, l.fetcher, fo)

@@ -99,6 +99,10 @@ func storeStats(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fmt.Fprintf(tw, "dedup ratio\t%.2f\n", s.DedupRatio())
 	fmt.Fprintf(tw, "fetched since start\t%d files, %s of content; %s over %d requests (%d retried)\n",
 		s.FetchedFiles, size(s.FetchedBytes), size(st.Fetch.BytesFetched), st.Fetch.Requests, st.Fetch.Retries)
+	if h := st.Handover; h.Resumed > 0 || h.Failed > 0 {
+		fmt.Fprintf(tw, "taken over at start	%d layers still mounted by the last daemon (%d could not be, mounted anew); their reads waited at most %s; %d requests it left unanswered answered\n",
+			h.Resumed, h.Failed, h.Waited.Round(time.Millisecond), h.Resent)
+	}
 	tw.Flush()
 	if len(st.Images) > 0 {
 		fmt.Fprintln(stdout)

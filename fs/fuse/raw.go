@@ -69,7 +69,10 @@ func (fs *layerFS) Init(s *fuse.Server) { fs.server.Store(s) }
 // and one that ends waits instead of answering (its answer may come from
 // a store or metadata closing under it), until the process exits. The
 // kernel then gives them to the next process.
-func (fs *layerFS) enter() func() {
+func (fs *layerFS) enter(h *fuse.InHeader) func() {
+	if h.Unique&resent != 0 {
+		fs.m.stats.Resent.Add(1)
+	}
 	fs.gate.RLock()
 	if fs.detached.Load() {
 		fs.gate.RUnlock()
@@ -84,6 +87,10 @@ func (fs *layerFS) exit() {
 		select {}
 	}
 }
+
+// resent marks a request the kernel sends again (FUSE_UNIQUE_RESEND): an
+// earlier process read it and never answered.
+const resent = 1 << 63
 
 const maxCachedNodes = 1 << 16
 
@@ -119,7 +126,7 @@ func (fs *layerFS) fillEntry(n *metadata.Node, out *fuse.EntryOut) {
 }
 
 func (fs *layerFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
-	defer fs.enter()()
+	defer fs.enter(h)()
 	fs.m.stats.Lookups.Add(1)
 	child, err := fs.m.layer.Lookup(h.NodeId, name)
 	if errors.Is(err, metadata.ErrNotFound) {
@@ -146,7 +153,7 @@ func (fs *layerFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string,
 func (fs *layerFS) Forget(nodeid, nlookup uint64) {}
 
 func (fs *layerFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
-	defer fs.enter()()
+	defer fs.enter(&in.InHeader)()
 	fs.m.stats.Getattrs.Add(1)
 	n, st := fs.node(in.NodeId)
 	if !st.Ok() {
@@ -158,7 +165,7 @@ func (fs *layerFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse
 }
 
 func (fs *layerFS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
-	defer fs.enter()()
+	defer fs.enter(h)()
 	n, st := fs.node(h.NodeId)
 	if !st.Ok() {
 		return nil, st
@@ -181,7 +188,7 @@ func (fs *layerFS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr strin
 	if fs.m.opts.NoXattrs {
 		return 0, fuse.ENOSYS
 	}
-	defer fs.enter()()
+	defer fs.enter(h)()
 	n, st := fs.node(h.NodeId)
 	if !st.Ok() {
 		return 0, st
@@ -197,7 +204,7 @@ func (fs *layerFS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr strin
 }
 
 func (fs *layerFS) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
-	defer fs.enter()()
+	defer fs.enter(h)()
 	n, st := fs.node(h.NodeId)
 	if !st.Ok() {
 		return 0, st
@@ -239,7 +246,7 @@ func (fs *layerFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 // Directories.
 
 func (fs *layerFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	defer fs.enter()()
+	defer fs.enter(&in.InHeader)()
 	n, st := fs.node(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -306,7 +313,7 @@ func (fs *layerFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fus
 // readDir lists from the offset the kernel asks for: entry i has offset
 // i+1, so any process can continue any listing.
 func (fs *layerFS) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
-	defer fs.enter()()
+	defer fs.enter(&in.InHeader)()
 	l, st := fs.listing(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -344,7 +351,7 @@ func (fs *layerFS) ReleaseDir(in *fuse.ReleaseIn) {}
 // Files.
 
 func (fs *layerFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	defer fs.enter()()
+	defer fs.enter(&in.InHeader)()
 	if in.Flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
 		return fuse.EROFS
 	}
@@ -439,7 +446,7 @@ func (fs *layerFS) backingFor(ino uint64, f File) int32 {
 }
 
 func (fs *layerFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	defer fs.enter()()
+	defer fs.enter(&in.InHeader)()
 	fs.m.stats.Reads.Add(1)
 	ino := in.Fh >> 2
 	if in.Fh&3 == fhEmpty {
@@ -483,7 +490,7 @@ func (fs *layerFS) readable(ino uint64) (File, error) {
 }
 
 func (fs *layerFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
-	defer fs.enter()()
+	defer fs.enter(&in.InHeader)()
 	ino, mode := in.Fh>>2, in.Fh&3
 	if mode == fhEmpty {
 		return

@@ -45,17 +45,18 @@ type Client struct {
 }
 
 // Connect reaches the holder on opts.Socket, starting one if none runs.
+// A holder it cannot reach yet (one run apart, say by a DaemonSet, that
+// is not up) is an error, and still a Client: it keeps trying, every
+// second, and hands over what it was given meanwhile once it gets there.
 func Connect(ctx context.Context, opts ClientOptions) (*Client, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 5 * time.Second
 	}
 	c := &Client{opts: opts, log: log.G(ctx).WithField("holder", opts.Socket), held: map[string]Entry{}, stop: make(chan struct{})}
-	if err := c.connect(ctx); err != nil {
-		return nil, err
-	}
+	err := c.connect(ctx)
 	c.closed.Add(1)
 	go c.watch(context.WithoutCancel(ctx))
-	return c, nil
+	return c, err
 }
 
 // Orphaned is how long no daemon was connected to the holder when this

@@ -40,6 +40,7 @@ type server struct {
 
 	mu       sync.Mutex
 	entries  map[string]entry
+	conns    map[*net.UnixConn]struct{}
 	clients  int
 	orphaned time.Time // when the last daemon went away; zero while one is connected
 }
@@ -83,7 +84,7 @@ func Serve(ctx context.Context, opts ServerOptions) error {
 		defer os.Remove(opts.PIDFile)
 	}
 	s := &server{opts: opts, log: log.G(ctx).WithField("socket", opts.Socket),
-		entries: map[string]entry{}, orphaned: time.Now()}
+		entries: map[string]entry{}, conns: map[*net.UnixConn]struct{}{}, orphaned: time.Now()}
 	defer s.closeAll()
 	s.log.WithField("pid", os.Getpid()).Info("fuse holder started")
 
@@ -106,9 +107,14 @@ func Serve(ctx context.Context, opts ServerOptions) error {
 	}
 }
 
+// closeAll closes every connection and lets go of every fd: a holder that
+// returns holds nothing and answers no one.
 func (s *server) closeAll() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for c := range s.conns {
+		c.Close()
+	}
 	for k, e := range s.entries {
 		closeAll(e.fds)
 		delete(s.entries, k)
@@ -157,6 +163,11 @@ func (s *server) watch(ctx context.Context, stop func()) {
 func (s *server) handle(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
 	s.mu.Lock()
+	if ctx.Err() != nil {
+		s.mu.Unlock()
+		return
+	}
+	s.conns[c] = struct{}{}
 	s.clients++
 	orphan := time.Duration(0)
 	if !s.orphaned.IsZero() {
@@ -166,6 +177,7 @@ func (s *server) handle(ctx context.Context, c *net.UnixConn) {
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
+		delete(s.conns, c)
 		s.clients--
 		if s.clients == 0 {
 			s.orphaned = time.Now()
