@@ -50,7 +50,7 @@ bench: deps
 # (about 1.5 minutes; see README, "Restarts, upgrades and crashes").
 bench-restart: build
 	set -o pipefail; $(GO) test -count=1 -v -timeout 20m -run '^TestContainersSurviveDaemonRestarts$$' ./integration/ | \
-		grep -E 'restart_test.go.*(restart [0-9]|upgrade|kill:|phase|stall|longest)|^(ok|FAIL|---)'
+		grep -E 'restart_test.go.*(restart [0-9]|restart after|upgrade|kill:|holder|phase|stall|longest)|^(ok|FAIL|---)'
 
 clean:
 	rm -rf bin

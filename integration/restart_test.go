@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -420,6 +421,33 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 	}
 	s.endPhase()
 	t.Logf("FUSE holder pid %d after %d kills", env.HolderPID(), survivalKills)
+
+	// The holder's own death, while the daemon runs, costs nothing: the
+	// daemon starts another and hands it every mount, which the next
+	// restart then finds there.
+	s.beginPhase("holder")
+	old := env.HolderPID()
+	ev = s.beginEvent("kill:holder")
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill the FUSE holder (pid %d): %v", old, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for pid := env.HolderPID(); pid == 0 || pid == old; pid = env.HolderPID() {
+		if time.Now().After(deadline) {
+			t.Fatal("no new FUSE holder 10s after the last one was killed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	s.daemonBack(ev)
+	t.Logf("FUSE holder pid %d replaced the killed %d", env.HolderPID(), old)
+	s.watch(time.Second)
+	ev = s.beginEvent("restart after the holder's death")
+	if err := env.RestartDaemon(ctx); err != nil {
+		t.Fatalf("restart after the holder's death: %v", err)
+	}
+	s.daemonBack(ev)
+	s.watch(time.Second)
+	s.endPhase()
 
 	s.beginPhase("after")
 	s.waitRounds(time.Now(), 2, resumeTimeout)

@@ -174,7 +174,11 @@ func (s *server) handle(ctx context.Context, c *net.UnixConn) {
 		orphan = time.Since(s.orphaned)
 	}
 	s.orphaned = time.Time{}
+	n := len(s.entries)
 	s.mu.Unlock()
+	if orphan > 0 && n > 0 {
+		s.log.WithFields(log.Fields{"mounts": n, "unserved_for": orphan.Round(time.Millisecond)}).Info("a daemon is back")
+	}
 	defer func() {
 		s.mu.Lock()
 		delete(s.conns, c)
