@@ -48,6 +48,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -319,8 +322,9 @@ func Resume(ctx context.Context, dir string, l *metadata.Layer, files Files, opt
 		return fail(fmt.Errorf("held record is of %s on %s", rec.Layer, rec.Dir))
 	}
 	fd := h.Fds[0]
-	var st unix.Stat_t
-	if holder.Dead(fd) || unix.Stat(dir, &st) != nil || st.Dev != rec.Dev {
+	// Not a stat of dir: until this process serves it, a request to the
+	// mount waits for good.
+	if dev, ok := mountedDev(dir); holder.Dead(fd) || !ok || dev != rec.Dev {
 		return fail(ErrGone)
 	}
 	opens, err := mapOpenTable(h.Fds[1])
@@ -344,6 +348,52 @@ func Resume(ctx context.Context, dir string, l *metadata.Layer, files Files, opt
 		m.log.WithError(err).Warn("cannot ask the kernel to resend unanswered requests (it takes Linux 6.9): their readers wait until the mount goes")
 	}
 	return start(ctx, srv, raw, fd, rec, opens)
+}
+
+// mountedDev returns the device of the lazycas FUSE mount on top of dir,
+// from the mount table: asking the mount itself would wait for a server.
+func mountedDev(dir string) (uint64, bool) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return 0, false
+	}
+	var dev uint64
+	found := false
+	for _, line := range strings.Split(string(b), "\n") {
+		// id parent major:minor root mountpoint options... - fstype source super
+		f := strings.Fields(line)
+		sep := slices.Index(f, "-")
+		if sep < 5 || sep+1 >= len(f) || unescapeMountPath(f[4]) != dir {
+			continue
+		}
+		var major, minor uint32
+		if _, err := fmt.Sscanf(f[2], "%d:%d", &major, &minor); err != nil {
+			continue
+		}
+		// The last entry for dir is the one on top.
+		dev, found = unix.Mkdev(major, minor), f[sep+1] == "fuse.lazycas"
+	}
+	return dev, found
+}
+
+// unescapeMountPath undoes the octal escapes of the mount table (\040 for
+// a space, and so on).
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // Passthrough reports whether the kernel reads this layer's open files
