@@ -241,10 +241,65 @@ func demoLazy(ctx context.Context, env *testenv.Env, cli, tmp string, pushed *te
 	if lazy > 0 {
 		detail("python read its files through lazycas's FUSE mounts: fetched from the registry after the mount")
 		detail("and checked against the TOC's digests before python saw a byte")
+		if err := demoRestart(ctx, env, img); err != nil {
+			return err
+		}
 	}
 	if err := env.DeleteImage(ctx, lazyRef); err != nil {
 		return err
 	}
+	return nil
+}
+
+// readAllCode reads every file under /usr, most of them not fetched yet,
+// and prints how many it read.
+const readAllCode = `import os
+n = 0
+for d, _, files in os.walk("/usr"):
+    for f in files:
+        p = os.path.join(d, f)
+        if not os.path.islink(p):
+            with open(p, "rb") as fh:
+                fh.read()
+            n += 1
+print(n)`
+
+// demoRestart restarts lazycas while a container reads files of a lazy
+// image, most of them not fetched yet: the container never notices.
+func demoRestart(ctx context.Context, env *testenv.Env, img client.Image) error {
+	step("Restarting lazycas while a container reads the lazily pulled image")
+	type result struct {
+		res *testenv.Result
+		err error
+	}
+	done := make(chan result, 1)
+	t := time.Now()
+	go func() {
+		res, err := env.Run(ctx, img, testenv.UniqueID("demo-restart"), "python3", "-c", readAllCode)
+		done <- result{res, err}
+	}()
+	time.Sleep(700 * time.Millisecond) // the container is reading by now
+	select {
+	case got := <-done:
+		return fmt.Errorf("the container was done before the restart (%v): nothing to show", got.err)
+	default:
+	}
+	r := time.Now()
+	if err := env.RestartDaemon(ctx); err != nil {
+		return err
+	}
+	restarted := since(r)
+	got := <-done
+	if got.err != nil {
+		return got.err
+	}
+	if got.res.ExitCode != 0 {
+		return fmt.Errorf("the container reading across the restart exited %d: %s", got.res.ExitCode, got.res.Stderr)
+	}
+	detail("the container read %s files in %s; %s after it started, lazycas was stopped (SIGTERM) and",
+		strings.TrimSpace(got.res.Stdout), since(t), r.Sub(t).Round(time.Millisecond))
+	detail("started again (%s): its reads waited meanwhile, then went on, with no error", restarted)
+	detail("(a small fuse-holder process kept the FUSE mounts; the new daemon took them over)")
 	return nil
 }
 
