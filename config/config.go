@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -50,6 +51,9 @@ type Config struct {
 	APIAddress string `toml:"api_address"`
 	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
 	LogLevel string `toml:"log_level"`
+	// MetricsAddress is a TCP address ("127.0.0.1:9464") to serve
+	// Prometheus metrics on, at /metrics; "" serves none.
+	MetricsAddress string `toml:"metrics_address"`
 	// LogFormat is "text" or "json".
 	LogFormat string `toml:"log_format"`
 
@@ -288,6 +292,15 @@ func (c *Config) Validate() error {
 	if len(c.Address) > 107 {
 		return fmt.Errorf("key \"address\": socket path is %d bytes, the limit is 107", len(c.Address))
 	}
+	if c.MetricsAddress != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsAddress); err != nil {
+			return fmt.Errorf("key \"metrics_address\": %q is not host:port: %w", c.MetricsAddress, err)
+		}
+	}
+	if c.FS.Holder && len(c.HolderSocket()) > 107 {
+		return fmt.Errorf("key \"root\": the fuse holder's socket %s is %d bytes, the limit is 107: choose a shorter root or set fs.holder = false",
+			c.HolderSocket(), len(c.HolderSocket()))
+	}
 	if c.APIAddress != "" {
 		if err := absPath("api_address", c.APIAddress); err != nil {
 			return err
@@ -340,6 +353,9 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
+
+// HolderSocket is where the fuse holder of the daemon on Root listens.
+func (c *Config) HolderSocket() string { return filepath.Join(c.Root, "fuse-holder.sock") }
 
 // APISocket is the API's socket: APIAddress, or its default next to Address.
 func (c *Config) APISocket() string {

@@ -75,6 +75,8 @@ type Options struct {
 	Held map[string]fuse.Held
 	// HeldSince is when the last process stopped serving Held.
 	HeldSince time.Time
+	// FUSEMetrics, if set, counts every mount's FUSE requests.
+	FUSEMetrics *fuse.OpMetrics
 }
 
 // LayerFinder finds the image repository and blob of a lazy layer from
@@ -341,6 +343,7 @@ func (f *FileSystem) serve(ctx context.Context, key, mountpoint string, blob *re
 		NoXattrs:    ml.Info.NoXattrs,
 		Passthrough: f.opts.Passthrough,
 		Keeper:      f.opts.Keeper,
+		Metrics:     f.opts.FUSEMetrics,
 		Debug:       f.opts.Debug,
 	}
 	var fl *fuse.Layer

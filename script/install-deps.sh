@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing lazycas needs on Debian 12, as root:
 # containerd + runc, fuse3, a registry, debootstrap and busybox-static for the
-# test images, and a Go toolchain new enough for go.mod. Idempotent: it installs
+# test images, promtool (Debian's prometheus) to check metrics scrapes, and a
+# Go toolchain new enough for go.mod. Idempotent: it installs
 # only what is missing. Prints the Go binary's directory on its last line.
 set -euo pipefail
 
@@ -12,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 
-pkgs=(containerd runc fuse3 docker-registry debootstrap busybox-static iproute2
+pkgs=(containerd runc fuse3 docker-registry debootstrap busybox-static iproute2 prometheus
 	ca-certificates curl unzip git make gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -89,12 +89,13 @@ func apiError(w http.ResponseWriter, code int, err error) {
 }
 
 func (s *Service) shutdownAPI(ctx context.Context) {
-	if s.api == nil {
-		return
-	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := s.api.Shutdown(ctx); err != nil {
-		s.api.Close()
+	for _, srv := range []*http.Server{s.api, s.metrics} {
+		if srv != nil {
+			if err := srv.Shutdown(ctx); err != nil {
+				srv.Close()
+			}
+		}
 	}
 }

@@ -18,10 +18,6 @@ import (
 // HolderCommand is the daemon's command that runs the fuse holder.
 const HolderCommand = "fuse-holder"
 
-// HolderSocket is where the fuse holder of the daemon rooted at root
-// listens; its pid is in HolderPIDFile(root).
-func HolderSocket(root string) string { return filepath.Join(root, "fuse-holder.sock") }
-
 // HolderPIDFile is where the fuse holder writes its pid.
 func HolderPIDFile(root string) string { return filepath.Join(root, "fuse-holder.pid") }
 
@@ -36,7 +32,7 @@ func spawnHolder(ctx context.Context, cfg config.Config) error {
 	}
 	defer logf.Close()
 	cmd := exec.Command("/proc/self/exe", HolderCommand,
-		"--socket", HolderSocket(cfg.Root), "--pid-file", HolderPIDFile(cfg.Root),
+		"--socket", cfg.HolderSocket(), "--pid-file", HolderPIDFile(cfg.Root),
 		"--abort-after", cfg.FS.HolderAbortAfter.Duration.String(), "--log-level", cfg.LogLevel)
 	cmd.Args[0] = filepath.Base(os.Args[0])
 	cmd.Stdout, cmd.Stderr = logf, logf

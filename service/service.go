@@ -38,10 +38,11 @@ import (
 
 // Service is a configured snapshotter and its gRPC server.
 type Service struct {
-	sn   *snapshot.Snapshotter
-	grpc *grpc.Server
-	lazy *lazy // nil when lazy layers are off
-	api  *http.Server
+	sn      *snapshot.Snapshotter
+	grpc    *grpc.Server
+	lazy    *lazy // nil when lazy layers are off
+	api     *http.Server
+	metrics *http.Server
 }
 
 // lazy is what mounting lazy layers takes.
@@ -54,6 +55,8 @@ type lazy struct {
 	prof    *profile.DB // nil unless fs.learn
 	learn   *lazyfs.Profiles
 	holder  *holder.Client // nil unless fs.holder
+	// fuseMetrics counts every mount's FUSE requests, for /metrics.
+	fuseMetrics *fuse.OpMetrics
 }
 
 func (l *lazy) close() error {
@@ -110,7 +113,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		st.Close()
 		return nil, err
 	}
-	l := &lazy{meta: meta, store: st}
+	l := &lazy{meta: meta, store: st, fuseMetrics: &fuse.OpMetrics{}}
 	l.fetcher = remote.New(remote.Options{
 		Hosts:          resolver.Hosts(ctx, resolver.Options{HostsDir: cfg.Remote.ConfigPath}),
 		RequestTimeout: cfg.Remote.RequestTimeout.Duration,
@@ -140,6 +143,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		BackgroundBandwidth: cfg.FS.BackgroundBandwidth.Bytes,
 		PartialMinSize:      cfg.Store.PartialMinSize.Bytes,
 		Debug:               cfg.FS.Debug,
+		FUSEMetrics:         l.fuseMetrics,
 	}
 	if cfg.Containerd.Address != "" {
 		l.finder = finder.New(cfg.Containerd.Address)
@@ -159,7 +163,7 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		if cfg.FS.HolderSpawn {
 			spawn = func(ctx context.Context) error { return spawnHolder(ctx, cfg) }
 		}
-		l.holder, err = holder.Connect(ctx, holder.ClientOptions{Socket: HolderSocket(cfg.Root), Spawn: spawn})
+		l.holder, err = holder.Connect(ctx, holder.ClientOptions{Socket: cfg.HolderSocket(), Spawn: spawn})
 		if err != nil {
 			// Serving without is better than not serving: the holder gets
 			// the mounts once it answers.

@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -124,6 +125,20 @@ func serve(ctx context.Context, cfg config.Config) error {
 			}
 		}()
 	}
+	if cfg.MetricsAddress != "" {
+		ml, err := net.Listen("tcp", cfg.MetricsAddress)
+		if err != nil {
+			// Without metrics the daemon still serves containerd.
+			logger.WithError(err).Error("metrics not served")
+		} else {
+			go func() {
+				if err := svc.ServeMetrics(ml); err != nil {
+					logger.WithError(err).Error("metrics stopped")
+				}
+			}()
+			logger.WithField("metrics", ml.Addr().String()).Info("serving Prometheus metrics at /metrics")
+		}
+	}
 	logger.WithField("version", version).Info("lazycas serving")
 
 	select {
@@ -163,7 +178,8 @@ func runHolder(args []string, stderr io.Writer) error {
 		return fmt.Errorf("unexpected arguments %q", flags.Args())
 	}
 	if *socket == "" {
-		*socket = service.HolderSocket(*root)
+		c := config.Config{Root: *root}
+		*socket = c.HolderSocket()
 	}
 	if *pidFile == "" {
 		*pidFile = service.HolderPIDFile(*root)

@@ -116,6 +116,8 @@ type Options struct {
 	Passthrough bool
 	// Keeper, if set, holds the mount's connection between processes.
 	Keeper Keeper
+	// Metrics, if set, counts the mount's requests with those of others.
+	Metrics *OpMetrics
 	// Debug logs every FUSE request.
 	Debug bool
 }

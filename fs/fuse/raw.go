@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -70,15 +71,26 @@ func (fs *layerFS) Init(s *fuse.Server) { fs.server.Store(s) }
 // a store or metadata closing under it), until the process exits. The
 // kernel then gives them to the next process.
 func (fs *layerFS) enter(h *fuse.InHeader) func() {
+	met := fs.m.opts.Metrics
 	if h.Unique&resent != 0 {
 		fs.m.stats.Resent.Add(1)
+		if met != nil {
+			met.Resent.Add(1)
+		}
 	}
 	fs.gate.RLock()
 	if fs.detached.Load() {
 		fs.gate.RUnlock()
 		select {}
 	}
-	return fs.exit
+	if met == nil {
+		return fs.exit
+	}
+	start, op := time.Now(), h.Opcode
+	return func() {
+		met.observe(op, time.Since(start))
+		fs.exit()
+	}
 }
 
 func (fs *layerFS) exit() {
@@ -374,6 +386,9 @@ func (fs *layerFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenO
 	f, err := fs.content(ctx, n)
 	if err != nil {
 		fs.m.stats.OpenErrors.Add(1)
+		if met := fs.m.opts.Metrics; met != nil {
+			met.OpenErrors.Add(1)
+		}
 		fs.m.log.WithError(err).WithFields(log.Fields{"inode": n.ID, "digest": n.Digest}).
 			Error("cannot serve file content: reads fail with EIO")
 		return fuse.EIO
@@ -467,6 +482,9 @@ func (fs *layerFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fu
 		}
 	}
 	fs.m.stats.ReadErrors.Add(1)
+	if met := fs.m.opts.Metrics; met != nil {
+		met.ReadErrors.Add(1)
+	}
 	fs.m.log.WithError(err).WithField("inode", ino).Error("cannot serve file content: read fails with EIO")
 	return nil, fuse.EIO
 }

@@ -1,0 +1,126 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/lazycas/lazycas/fs/convert"
+	"github.com/lazycas/lazycas/integration/testenv"
+)
+
+// TestMetricsScrape runs python from a lazily pulled image on a daemon
+// serving metrics, scrapes them as Prometheus would, and checks the scrape
+// with promtool and by its figures: what the container did shows.
+func TestMetricsScrape(t *testing.T) {
+	requireIntegration(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	env := newEnvWith(t, testenv.Options{DaemonConfig: fmt.Sprintf("metrics_address = %q\n", addr)})
+	ctx := testContext(t)
+	ref := convertPython(ctx, t, env, convert.EStargz, nil)
+	img, err := env.Pull(ctx, ref, testenv.WithSnapshotLabels(ref))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := env.Run(ctx, img, testenv.UniqueID("metrics"), "python3", "-c", "import json; print(1)")
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("python on lazycas: %v, %+v", err, res)
+	}
+
+	c := &http.Client{Timeout: 30 * time.Second}
+	resp, err := c.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("scrape: %s, %v", resp.Status, err)
+	}
+
+	if promtool, err := exec.LookPath("promtool"); err != nil {
+		t.Errorf("no promtool to check the scrape with (script/install-deps.sh installs Debian's prometheus): %v", err)
+	} else {
+		cmd := exec.CommandContext(ctx, promtool, "check", "metrics")
+		cmd.Stdin = bytes.NewReader(body)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			p := filepath.Join(t.TempDir(), "scrape.txt")
+			_ = os.WriteFile(p, body, 0o644)
+			t.Errorf("promtool check metrics: %v\n%s", err, out)
+		}
+	}
+
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("parse the scrape: %v", err)
+	}
+	value := func(name string, labels map[string]string) (float64, bool) {
+		f := fams[name]
+		if f == nil {
+			return 0, false
+		}
+	next:
+		for _, m := range f.Metric {
+			for k, v := range labels {
+				if !hasLabel(m, k, v) {
+					continue next
+				}
+			}
+			switch {
+			case m.Counter != nil:
+				return m.Counter.GetValue(), true
+			case m.Gauge != nil:
+				return m.Gauge.GetValue(), true
+			case m.Histogram != nil:
+				return float64(m.Histogram.GetSampleCount()), true
+			}
+		}
+		return 0, false
+	}
+	for _, want := range []struct {
+		name   string
+		labels map[string]string
+		why    string
+	}{
+		{"lazycas_layers_mounted", nil, "the image's layers are mounted lazily"},
+		{"lazycas_fetch_bytes_total", nil, "python's files came from the registry"},
+		{"lazycas_fetch_requests_total", nil, "python's files came from the registry"},
+		{"lazycas_store_objects", nil, "the fetched files are in the store"},
+		{"lazycas_fuse_request_duration_seconds", map[string]string{"op": "lookup"}, "python looked its files up"},
+		{"lazycas_fuse_request_duration_seconds", map[string]string{"op": "open"}, "python opened its files"},
+		{"lazycas_image_file_bytes", map[string]string{"ref": ref}, "the image is mounted"},
+		{"process_resident_memory_bytes", nil, "the daemon's memory is reported"},
+	} {
+		v, ok := value(want.name, want.labels)
+		if !ok || v <= 0 {
+			t.Errorf("%s%v = %v (present %v), want > 0: %s", want.name, want.labels, v, ok, want.why)
+		}
+	}
+	t.Logf("scraped %d bytes, %d metric families; promtool and the figures agree with what the container did", len(body), len(fams))
+}
+
+func hasLabel(m *dto.Metric, name, value string) bool {
+	for _, l := range m.Label {
+		if l.GetName() == name && l.GetValue() == value {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,140 @@
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/lazycas/lazycas/fs/fuse"
+)
+
+// metricsTimeout bounds the figures one scrape gathers.
+const metricsTimeout = 10 * time.Second
+
+// newRegistry returns the daemon's own registry (no global one): the Go
+// runtime and process, and, with lazy layers, lazycas's figures, read
+// from the same counters `lazycas store stats` shows at each scrape.
+func newRegistry(lz *lazy) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if lz != nil {
+		reg.MustRegister(&lazyCollector{lz: lz})
+	}
+	return reg
+}
+
+// ServeMetrics serves Prometheus metrics on l, at /metrics, until Shutdown.
+func (s *Service) ServeMetrics(l net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(newRegistry(s.lazy), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	s.metrics = srv
+	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve metrics on %s: %w", l.Addr(), err)
+	}
+	return nil
+}
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc("lazycas_"+name, help, labels, nil)
+}
+
+var (
+	descFetchRequests  = desc("fetch_requests_total", "HTTP requests to registries for layer contents and TOCs, redirects included.")
+	descFetchBytes     = desc("fetch_bytes_total", "Response body bytes read from registries.")
+	descFetchRetries   = desc("fetch_retries_total", "Registry requests repeated after a transient failure.")
+	descFetchedFiles   = desc("fetched_files_total", "Files fetched, verified and stored.")
+	descFetchedContent = desc("fetched_content_bytes_total", "Content bytes of the files fetched and stored.")
+	descLinkRTT        = desc("link_rtt_seconds", "Measured round trip to a registry host (shortest recent wait for response headers).", "host")
+	descLinkBandwidth  = desc("link_bandwidth_bytes_per_second", "Measured throughput of a registry host while bodies flow.", "host")
+	descMounted        = desc("layers_mounted", "Lazy layers mounted over FUSE.")
+	descStoreObjects   = desc("store_objects", "Objects (whole verified files) in the shared store.")
+	descStoreBytes     = desc("store_bytes", "Content bytes of the store's objects.")
+	descStoreDisk      = desc("store_disk_bytes", "Disk the store's objects take.")
+	descStoreLogical   = desc("store_logical_bytes", "What the mounted layers' present files would take without sharing.")
+	descStoreDedup     = desc("store_dedup_ratio", "store_logical_bytes / store_bytes: how many times over the layers would hold what the store holds once.")
+	descStorePartial   = desc("store_partial_objects", "Large files being filled piece by piece.")
+	descStoreOpen      = desc("store_open_objects", "Objects with open handles.")
+	descStoreUnref     = desc("store_unreferenced_objects", "Objects no current layer refers to (collected first).")
+	descImageFiles     = desc("image_present_bytes", "Bytes of an image's files present in the store.", "ref")
+	descImageTotal     = desc("image_file_bytes", "Bytes of all an image's files.", "ref")
+	descFUSE           = desc("fuse_request_duration_seconds", "FUSE requests answered, by operation, and how long they took.", "op")
+	descFUSEErrors     = desc("fuse_errors_total", "Opens and reads failed with EIO: a file's content could not be had (the log says why).", "op")
+	descResent         = desc("fuse_resent_requests_total", "Requests a previous daemon read and never answered, answered by this one.")
+	descResumed        = desc("handover_resumed_layers", "Layers this daemon took over, mounted, from the previous one at start.")
+	descResumeFailed   = desc("handover_failed_layers", "Layers the previous daemon left that this one could not take over (mounted anew; their readers got errors).")
+	descHandoverWait   = desc("handover_wait_seconds", "Longest a read of a taken-over layer waited for a daemon at this daemon's start.")
+)
+
+// lazyCollector turns lazycas's counters into metrics at each scrape.
+type lazyCollector struct {
+	lz *lazy
+}
+
+func (c *lazyCollector) Describe(ch chan<- *prometheus.Desc) {
+	prometheus.DescribeByCollect(c, ch)
+}
+
+func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), metricsTimeout)
+	defer cancel()
+	st, err := c.lz.fs.Stats(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(descStoreObjects, err)
+		return
+	}
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter(descFetchRequests, float64(st.Fetch.Requests))
+	counter(descFetchBytes, float64(st.Fetch.BytesFetched))
+	counter(descFetchRetries, float64(st.Fetch.Retries))
+	counter(descFetchedFiles, float64(st.Store.FetchedFiles))
+	counter(descFetchedContent, float64(st.Store.FetchedBytes))
+	for host, l := range st.Fetch.Links {
+		if l.RTT > 0 {
+			gauge(descLinkRTT, l.RTT.Seconds(), host)
+		}
+		if l.Bandwidth > 0 {
+			gauge(descLinkBandwidth, l.Bandwidth, host)
+		}
+	}
+	gauge(descMounted, float64(st.Mounted))
+	gauge(descStoreObjects, float64(st.Store.Objects))
+	gauge(descStoreBytes, float64(st.Store.Bytes))
+	gauge(descStoreDisk, float64(st.Store.DiskBytes))
+	gauge(descStoreLogical, float64(st.Store.LogicalBytes))
+	gauge(descStoreDedup, st.Store.DedupRatio())
+	gauge(descStorePartial, float64(st.Store.Partial))
+	gauge(descStoreOpen, float64(st.Store.Open))
+	gauge(descStoreUnref, float64(st.Store.Unreferenced))
+	for _, im := range st.Images {
+		gauge(descImageFiles, float64(im.PresentBytes), im.Ref)
+		gauge(descImageTotal, float64(im.Bytes), im.Ref)
+	}
+	gauge(descResumed, float64(st.Handover.Resumed))
+	gauge(descResumeFailed, float64(st.Handover.Failed))
+	gauge(descHandoverWait, st.Handover.Waited.Seconds())
+	if m := c.lz.fuseMetrics; m != nil {
+		counter(descResent, float64(m.Resent.Load()))
+		counter(descFUSEErrors, float64(m.OpenErrors.Load()), "open")
+		counter(descFUSEErrors, float64(m.ReadErrors.Load()), "read")
+		for _, op := range m.Ops() {
+			buckets := make(map[float64]uint64, len(op.Buckets))
+			for i, le := range fuse.LatencyBuckets {
+				buckets[le] = op.Buckets[i]
+			}
+			ch <- prometheus.MustNewConstHistogram(descFUSE, op.Count, op.Sum.Seconds(), buckets, op.Op)
+		}
+	}
+}
