@@ -263,3 +263,15 @@ func TestRejectsBadStart(t *testing.T) {
 		t.Errorf("a daemon that could not take its socket created its root %s", otherRoot)
 	}
 }
+
+func TestHelpExitsZero(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"fuse-holder", "--help"}} {
+		out, err := exec.Command(daemonBin, args...).CombinedOutput()
+		if err != nil {
+			t.Errorf("%v: %v\n%s", args, err, out)
+		}
+		if !strings.Contains(string(out), "Usage") {
+			t.Errorf("%v printed no usage: %s", args, out)
+		}
+	}
+}

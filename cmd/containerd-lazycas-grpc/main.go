@@ -29,7 +29,11 @@ var version = "dev"
 const shutdownGrace = 10 * time.Second
 
 func main() {
-	if err := run(os.Args[1:], os.Stderr); err != nil {
+	err := run(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return // the usage is printed: asking for it is no error
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "containerd-lazycas-grpc: %v\n", err)
 		os.Exit(1)
 	}
