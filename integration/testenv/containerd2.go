@@ -40,46 +40,60 @@ const containerd2Module = "github.com/containerd/containerd/v2"
 // containerd2BuildTimeout bounds one cold build (~1.5 min on 2 cores).
 const containerd2BuildTimeout = 15 * time.Minute
 
-// ErrContainerd2Offline marks a containerd 2.x build that failed because
-// the Go module proxy could not be reached; callers may skip on it.
-var ErrContainerd2Offline = errors.New("containerd 2.x sources unreachable (no network to the Go module proxy)")
+// ErrContainerd2Offline marks a build of a test tool (containerd 2.x,
+// crictl) that failed because the Go module proxy could not be reached;
+// callers may skip on it.
+var ErrContainerd2Offline = errors.New("test tool sources unreachable (no network to the Go module proxy)")
 
 // BuildContainerd2 returns the cache directory holding containerd
 // Containerd2Version's containerd and containerd-shim-runc-v2, building
 // them with `go install` when the cache lacks them. A failure to reach the
 // module proxy wraps ErrContainerd2Offline.
 func BuildContainerd2(ctx context.Context, logf func(format string, args ...any)) (string, error) {
+	return goInstallCached(ctx, logf, "containerd-"+Containerd2Version, []string{"containerd", "containerd-shim-runc-v2"},
+		containerd2Module+"/cmd/containerd@"+Containerd2Version,
+		containerd2Module+"/cmd/containerd-shim-runc-v2@"+Containerd2Version)
+}
+
+// goInstallBuildTimeout bounds one cold `go install` of a test tool.
+const goInstallBuildTimeout = containerd2BuildTimeout
+
+// goInstallCached returns the cache directory <CacheDir>/name holding
+// bins, installing pkgs into it with `go install` when the cache lacks
+// them: built in a temporary sibling and renamed into place, under a
+// flock'd name.lock, so concurrent test processes build it once.
+func goInstallCached(ctx context.Context, logf func(format string, args ...any), name string, bins []string, pkgs ...string) (string, error) {
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
 	cacheDir := testimages.CacheDir()
-	entry := filepath.Join(cacheDir, "containerd-"+Containerd2Version)
-	if complete(entry) {
+	entry := filepath.Join(cacheDir, name)
+	if complete(entry, bins) {
 		return entry, nil
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", err
 	}
-	unlock, err := testimages.LockFile(ctx, filepath.Join(cacheDir, "containerd-"+Containerd2Version+".lock"))
+	unlock, err := testimages.LockFile(ctx, filepath.Join(cacheDir, name+".lock"))
 	if err != nil {
 		return "", err
 	}
 	defer unlock()
-	if complete(entry) { // built by another process while we waited
+	if complete(entry, bins) { // built by another process while we waited
 		return entry, nil
 	}
 	start := time.Now()
-	logf("building containerd %s (go install, once into %s)", Containerd2Version, entry)
-	if err := buildContainerd2(ctx, cacheDir, entry); err != nil {
+	logf("building %s (go install, once into %s)", name, entry)
+	if err := goInstall(ctx, cacheDir, name, entry, bins, pkgs); err != nil {
 		return "", err
 	}
-	logf("built containerd %s in %s", Containerd2Version, time.Since(start).Round(100*time.Millisecond))
+	logf("built %s in %s", name, time.Since(start).Round(100*time.Millisecond))
 	return entry, nil
 }
 
-// complete reports whether dir holds both binaries.
-func complete(dir string) bool {
-	for _, b := range []string{"containerd", "containerd-shim-runc-v2"} {
+// complete reports whether dir holds every one of bins.
+func complete(dir string, bins []string) bool {
+	for _, b := range bins {
 		if fi, err := os.Stat(filepath.Join(dir, b)); err != nil || !fi.Mode().IsRegular() {
 			return false
 		}
@@ -87,19 +101,19 @@ func complete(dir string) bool {
 	return true
 }
 
-// buildContainerd2 installs both binaries into a temporary directory and
-// renames it to entry. The caller holds the lock.
-func buildContainerd2(ctx context.Context, cacheDir, entry string) error {
-	ctx, cancel := context.WithTimeout(ctx, containerd2BuildTimeout)
+// goInstall installs pkgs into a temporary directory and renames it to
+// entry. The caller holds the lock.
+func goInstall(ctx context.Context, cacheDir, name, entry string, bins, pkgs []string) error {
+	ctx, cancel := context.WithTimeout(ctx, goInstallBuildTimeout)
 	defer cancel()
 	// Leftovers of a builder that died: nobody else builds now.
-	stale, _ := filepath.Glob(filepath.Join(cacheDir, "containerd-"+Containerd2Version+".build-*"))
+	stale, _ := filepath.Glob(filepath.Join(cacheDir, name+".build-*"))
 	for _, d := range stale {
 		if err := os.RemoveAll(d); err != nil {
 			return fmt.Errorf("remove stale build dir: %w", err)
 		}
 	}
-	tmp, err := os.MkdirTemp(cacheDir, "containerd-"+Containerd2Version+".build-")
+	tmp, err := os.MkdirTemp(cacheDir, name+".build-")
 	if err != nil {
 		return err
 	}
@@ -112,9 +126,7 @@ func buildContainerd2(ctx context.Context, cacheDir, entry string) error {
 	if err != nil {
 		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
-	cmd := exec.CommandContext(ctx, goBin, "install",
-		containerd2Module+"/cmd/containerd@"+Containerd2Version,
-		containerd2Module+"/cmd/containerd-shim-runc-v2@"+Containerd2Version)
+	cmd := exec.CommandContext(ctx, goBin, append([]string{"install"}, pkgs...)...)
 	cmd.Dir = tmp // outside any module: the release's own go.mod decides
 	// Independent of the caller's module settings and toolchain.
 	cmd.Env = append(os.Environ(), "GOBIN="+bin, "GOFLAGS=", "GOWORK=off", "GOTOOLCHAIN=local")
@@ -123,12 +135,12 @@ func buildContainerd2(ctx context.Context, cacheDir, entry string) error {
 	if err := cmd.Run(); err != nil {
 		msg := strings.TrimSpace(out.String())
 		if offline(msg) {
-			return fmt.Errorf("%w: go install: %v\n%s", ErrContainerd2Offline, err, msg)
+			return fmt.Errorf("%w: go install %s: %v\n%s", ErrContainerd2Offline, name, err, msg)
 		}
-		return fmt.Errorf("go install containerd %s: %w\n%s", Containerd2Version, err, msg)
+		return fmt.Errorf("go install %s: %w\n%s", name, err, msg)
 	}
-	if !complete(bin) {
-		return fmt.Errorf("go install containerd %s left no binaries in %s\n%s", Containerd2Version, bin, out.String())
+	if !complete(bin, bins) {
+		return fmt.Errorf("go install %s left no binaries in %s\n%s", name, bin, out.String())
 	}
 	if err := os.Rename(bin, entry); err != nil {
 		return fmt.Errorf("publish %s: %w", entry, err)

@@ -233,6 +233,10 @@ func (e *Env) startContainerd(ctx context.Context) error {
 		for _, p := range e.opts.ProxySnapshotters {
 			body += fmt.Sprintf("  [proxy_plugins.%q]\n    type = \"snapshot\"\n    address = %q\n", p.Name, p.Address)
 		}
+		if e.opts.CRIConfig != nil {
+			body = strings.Replace(body, `disabled_plugins = ["io.containerd.grpc.v1.cri"]`, `disabled_plugins = []`, 1)
+			body += "\n" + e.opts.CRIConfig(e)
+		}
 		if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 			return err
 		}

@@ -26,6 +26,16 @@ var Busybox = &Image{
 	build:   buildBusybox,
 }
 
+// Pause is busybox whose command sleeps for good: the sandbox ("pause")
+// image of the CRI tests, which keeps a pod's namespaces.
+var Pause = &Image{
+	Name:    "pause",
+	Version: "v1",
+	Env:     []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"},
+	Cmd:     []string{"sleep", "2147483647"},
+	build:   buildBusybox,
+}
+
 func buildBusybox(ctx context.Context, work string, logf Logf) ([]string, error) {
 	list, err := exec.CommandContext(ctx, busyboxBinary, "--list").Output()
 	if err != nil {

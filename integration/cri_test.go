@@ -1,0 +1,150 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lazycas/lazycas/fs/convert"
+	"github.com/lazycas/lazycas/integration/testenv"
+	"github.com/lazycas/lazycas/integration/testimages"
+)
+
+// criConfig is the CRI plugin's table for containerd 1.6: lazycas is the
+// snapshotter, with the annotations a remote snapshotter needs; the
+// environment's plain-HTTP registry is reached through a hosts directory;
+// the sandbox image is the pause image the test pushes there. This
+// machine's root may not lower an OOM score (no CAP_SYS_RESOURCE), which a
+// pod's sandbox asks for: restrict_oom_score_adj keeps it at containerd's.
+const criConfig = `[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "lazycas"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = %q
+`
+
+// crictl runs crictl against the environment's containerd.
+type crictl struct {
+	t    *testing.T
+	bin  string
+	sock string
+}
+
+func (c crictl) run(ctx context.Context, args ...string) string {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	all := append([]string{"--config", "/dev/null", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "2m"}, args...)
+	cmd := exec.CommandContext(ctx, c.bin, all...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr // warnings, apart from the answer
+	out, err := cmd.Output()
+	if err != nil {
+		c.t.Fatalf("crictl %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// TestCRIRunsALazyImage drives containerd's CRI plugin with crictl, as
+// kubelet does: a lazy image is pulled (its layers mounted, not
+// downloaded), runs in a pod, answers logs and exec, and goes away with
+// its snapshots when the pod and the image are removed.
+func TestCRIRunsALazyImage(t *testing.T) {
+	requireIntegration(t)
+	ctx := testContext(t)
+	bin, err := testenv.BuildCrictl(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts := filepath.Join(t.TempDir(), "cri-hosts.d")
+	env := newEnvWith(t, testenv.Options{CRIConfig: func(e *testenv.Env) string {
+		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
+	}})
+	hostDir := filepath.Join(hosts, env.RegistryHost)
+	if err := os.MkdirAll(hostDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
+		"http://"+env.RegistryHost, "http://"+env.RegistryHost)
+	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
+		t.Fatal(err)
+	}
+	ref := convertPython(ctx, t, env, convert.EStargz, testenv.PythonStartupFiles)
+	cri := crictl{t: t, bin: bin, sock: env.ContainerdAddress}
+
+	start := time.Now()
+	cri.run(ctx, "pull", ref)
+	mounts := lazyMounts(t, env)
+	t.Logf("crictl pull took %s; %d layers mounted lazily", time.Since(start).Round(time.Millisecond), len(mounts))
+	if len(mounts) == 0 {
+		t.Fatal("crictl pull mounted no layer lazily")
+	}
+
+	dir := t.TempDir()
+	write := func(name string, v any) string {
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	pod := write("pod.json", map[string]any{
+		"metadata":      map[string]any{"name": "lazy", "namespace": "default", "uid": testenv.UniqueID("uid")},
+		"log_directory": filepath.Join(dir, "logs"),
+		// The node's network: no CNI here.
+		"linux": map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}},
+	})
+	ctr := write("container.json", map[string]any{
+		"metadata": map[string]any{"name": "python"},
+		"image":    map[string]any{"image": ref},
+		"command":  []string{"python3", "-c", "import json, sys, time; print('ready', sys.version_info[0], flush=True); time.sleep(600)"},
+		"log_path": "python.log",
+		"linux":    map[string]any{},
+	})
+	podID := cri.run(ctx, "runp", pod)
+	ctrID := cri.run(ctx, "create", podID, ctr, pod)
+	cri.run(ctx, "start", ctrID)
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(cri.run(ctx, "logs", ctrID), "ready 3") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the container printed no ready line in a minute: %q", cri.run(ctx, "logs", ctrID))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if out := cri.run(ctx, "exec", ctrID, "python3", "-c", "import email; print(len(open('/usr/lib/python3.11/os.py').read()) > 0)"); out != "True" {
+		t.Errorf("crictl exec in the lazy container printed %q", out)
+	}
+	cri.run(ctx, "stop", ctrID)
+	cri.run(ctx, "rm", ctrID)
+	cri.run(ctx, "stopp", podID)
+	cri.run(ctx, "rmp", podID)
+	cri.run(ctx, "rmi", ref)
+	// containerd's garbage collector removes the image's snapshots after
+	// the image; lazycas unmounts each as it goes.
+	deadline = time.Now().Add(time.Minute)
+	for len(lazyMounts(t, env)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("a minute after crictl rmi, lazy mounts remain: %v", lazyMounts(t, env))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("pod run, logs, exec, stop, rmp and rmi through CRI; every lazy mount gone after rmi")
+}
