@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -34,6 +35,21 @@ const criConfig = `[plugins."io.containerd.grpc.v1.cri"]
     config_path = %q
 `
 
+// criConfig2 is criConfig for containerd 2.x, whose CRI is several
+// plugins.
+const criConfig2 = `[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "lazycas"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = %q
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = %[2]q
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+`
+
 // crictl runs crictl against the environment's containerd.
 type crictl struct {
 	t    *testing.T
@@ -61,6 +77,11 @@ func (c crictl) run(ctx context.Context, args ...string) string {
 // downloaded), runs in a pod, answers logs and exec, and goes away with
 // its snapshots when the pod and the image are removed.
 func TestCRIRunsALazyImage(t *testing.T) {
+	t.Run("containerd 1.6", func(t *testing.T) { testCRI(t, false) })
+	t.Run("containerd 2.x", func(t *testing.T) { testCRI(t, true) })
+}
+
+func testCRI(t *testing.T, containerd2 bool) {
 	requireIntegration(t)
 	ctx := testContext(t)
 	bin, err := testenv.BuildCrictl(ctx, t.Logf)
@@ -68,7 +89,15 @@ func TestCRIRunsALazyImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	hosts := filepath.Join(t.TempDir(), "cri-hosts.d")
-	env := newEnvWith(t, testenv.Options{CRIConfig: func(e *testenv.Env) string {
+	if containerd2 {
+		if _, err := testenv.BuildContainerd2(ctx, t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
+			t.Skip(err)
+		}
+	}
+	env := newEnvWith(t, testenv.Options{Containerd2: containerd2, CRIConfig: func(e *testenv.Env) string {
+		if containerd2 {
+			return fmt.Sprintf(criConfig2, e.RegistryHost+"/pause:latest", hosts)
+		}
 		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
 	}})
 	hostDir := filepath.Join(hosts, env.RegistryHost)

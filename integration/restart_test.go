@@ -359,7 +359,10 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 	// A collection of a store the readers refill takes milliseconds: the
 	// kills come sooner and sooner after the call.
 	gcDelays := []time.Duration{20 * time.Millisecond, 8 * time.Millisecond, 2 * time.Millisecond}
-	gcInterrupted, gcs := 0, 0
+	// gcCut counts collections a kill cut short, gcInterrupted those of
+	// them that had already removed objects (a matter of milliseconds,
+	// logged, not required: it depends on the machine's load).
+	gcCut, gcInterrupted, gcs := 0, 0, 0
 	for i := 0; i < survivalKills; i++ {
 		kind := kinds[i%len(kinds)]
 		var gcDone chan error
@@ -401,6 +404,9 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 				if after[d] == "" {
 					removed++
 				}
+			}
+			if err != nil {
+				gcCut++
 			}
 			switch {
 			case err == nil:
@@ -470,12 +476,12 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 			landed++
 		}
 	}
-	t.Logf("%d of the kills while readers fetched landed inside a round's reads of new files; %d of %d collections were cut short by a kill",
-		landed, gcInterrupted, gcs)
+	t.Logf("%d of the kills while readers fetched landed inside a round's reads of new files; %d of %d collections were cut short by a kill, %d of them after removing objects",
+		landed, gcCut, gcs, gcInterrupted)
 	if landed == 0 {
 		t.Error("no kill landed while a reader read files it had not read before")
 	}
-	if gcInterrupted == 0 {
+	if gcCut == 0 {
 		t.Error("no kill landed during a store collection")
 	}
 	valid, size := checkObjects(t, env)

@@ -206,6 +206,11 @@ disabled_plugins = [
     exports = { enable_remote_snapshot_annotations = "true" }
 `
 
+// criPlugins2 are the plugins CRI is made of in 2.x, enabled by
+// Options.CRIConfig.
+var criPlugins2 = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
+	"io.containerd.podsandbox.controller.v1.podsandbox"}
+
 // startContainerd2 builds (or finds) containerd 2.x, writes its config to
 // cfg and starts it with the build directory first on its PATH.
 func (e *Env) startContainerd2(ctx context.Context, cfg, root string) (*process, error) {
@@ -220,6 +225,12 @@ func (e *Env) startContainerd2(ctx context.Context, cfg, root string) (*process,
 	for _, p := range e.opts.ProxySnapshotters {
 		body += fmt.Sprintf("  [proxy_plugins.%q]\n    type = \"snapshot\"\n    address = %q\n"+
 			"    exports = { enable_remote_snapshot_annotations = \"true\" }\n", p.Name, p.Address)
+	}
+	if e.opts.CRIConfig != nil {
+		for _, p := range criPlugins2 {
+			body = strings.Replace(body, fmt.Sprintf("  %q,\n", p), "", 1)
+		}
+		body += "\n" + e.opts.CRIConfig(e)
 	}
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		return nil, err

@@ -58,9 +58,10 @@ type Options struct {
 	// peers). containerd's garbage collector removes every snapshot of
 	// theirs that its own metadata does not list.
 	ProxySnapshotters []ProxySnapshotter
-	// CRIConfig, when set, enables containerd's CRI plugin (Debian's 1.6)
-	// with the config it returns for the started environment: the TOML of
-	// the plugin's table, [plugins."io.containerd.grpc.v1.cri"] and below.
+	// CRIConfig, when set, enables containerd's CRI plugins with the
+	// config it returns for the started environment: the TOML of their
+	// tables, in the schema of the containerd that runs (1.6's version 2,
+	// 2.x's version 3).
 	CRIConfig func(e *Env) string
 	// Logf receives progress messages; nil discards them.
 	Logf func(format string, args ...any)
