@@ -168,12 +168,20 @@ type mounted struct {
 	blob   *remote.Blob
 }
 
-// Lazy reports whether labels describe a layer f can mount: one whose TOC
-// is pinned, and whose image is either named or can be looked for.
-func (f *FileSystem) Lazy(labels map[string]string) bool {
-	_, pinned := layer.PinFromAnnotations(labels)
+// Lazy returns nil when labels describe a layer f can mount: one whose
+// TOC is pinned, and whose image is either named or can be looked for;
+// otherwise why not, and what would make it lazy.
+func (f *FileSystem) Lazy(labels map[string]string) error {
+	if _, pinned := layer.PinFromAnnotations(labels); !pinned {
+		return snapshot.NotLazy(snapshot.ReasonNotLazyFormat,
+			"the layer has no TOC digest annotation: not an eStargz or zstd:chunked layer (convert the image with `lazycas image convert`)")
+	}
 	named := labels[snapshot.LabelImageRef] != "" && labels[snapshot.LabelLayerDigest] != ""
-	return pinned && (named || f.opts.Finder != nil)
+	if !named && f.opts.Finder == nil {
+		return snapshot.NotLazy(snapshot.ReasonNoImage,
+			"the pull sent no image labels and [containerd] address is unset, so the image cannot be looked up (pull with `lazycas image pull`, CRI or nerdctl, or set it)")
+	}
+	return nil
 }
 
 // Mount fetches and checks the TOC of the layer the labels name, records

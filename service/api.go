@@ -17,6 +17,9 @@ import (
 const (
 	APIStats = "/v1/store/stats"
 	APIGC    = "/v1/store/gc"
+	// APIUnpacked lists recent layers unpacked rather than mounted lazily,
+	// and why (GET).
+	APIUnpacked = "/v1/layers/unpacked"
 	// APIProfiles exports start-up profiles (GET, ?layer=DIGEST repeated;
 	// none: all) and imports them (POST, the export as body).
 	APIProfiles = "/v1/profiles"
@@ -29,6 +32,7 @@ func (s *Service) ServeAPI(l net.Listener) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+APIStats, s.handleStats)
 	mux.HandleFunc("POST "+APIGC, s.handleGC)
+	mux.HandleFunc("GET "+APIUnpacked, func(w http.ResponseWriter, r *http.Request) { writeJSON(w, s.sn.Unpacked()) })
 	mux.HandleFunc("GET "+APIProfiles, s.handleProfileExport)
 	mux.HandleFunc("POST "+APIProfiles, s.handleProfileImport)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/snapshot"
 )
 
 // metricsTimeout bounds the figures one scrape gathers.
@@ -21,19 +22,34 @@ const metricsTimeout = 10 * time.Second
 // newRegistry returns the daemon's own registry (no global one): the Go
 // runtime and process, and, with lazy layers, lazycas's figures, read
 // from the same counters `lazycas store stats` shows at each scrape.
-func newRegistry(lz *lazy) *prometheus.Registry {
+func newRegistry(sn *snapshot.Snapshotter, lz *lazy) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		unpackedCollector{sn})
 	if lz != nil {
 		reg.MustRegister(&lazyCollector{lz: lz})
 	}
 	return reg
 }
 
+var descUnpacked = desc("layers_unpacked_total", "Layers pulled into lazycas that containerd unpacked instead of lazycas mounting them, by reason (the daemon's log and `lazycas image pull` say more).", "reason")
+
+// unpackedCollector counts the layers unpacked rather than mounted lazily.
+type unpackedCollector struct{ sn *snapshot.Snapshotter }
+
+func (c unpackedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descUnpacked }
+
+func (c unpackedCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := c.sn.UnpackedCounts()
+	for _, r := range []string{snapshot.ReasonLazyOff, snapshot.ReasonNotLazyFormat, snapshot.ReasonNoImage, snapshot.ReasonMountFailed} {
+		ch <- prometheus.MustNewConstMetric(descUnpacked, prometheus.CounterValue, float64(counts[r]), r)
+	}
+}
+
 // ServeMetrics serves Prometheus metrics on l, at /metrics, until Shutdown.
 func (s *Service) ServeMetrics(l net.Listener) error {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(newRegistry(s.lazy), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(newRegistry(s.sn, s.lazy), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	s.metrics = srv
 	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -52,13 +52,17 @@ type Snapshotter struct {
 	mountOptions []string
 	// fs mounts remote layers; nil makes this a plain overlay snapshotter.
 	fs FileSystem
+	// unpacked says why layers pulled into this snapshotter were unpacked
+	// rather than mounted lazily.
+	unpacked *unpackedLog
 }
 
 // FileSystem mounts lazily pulled layers on snapshot directories. The key
 // of a layer is the ID of the snapshot it is mounted for.
 type FileSystem interface {
-	// Lazy reports whether Prepare's labels describe a layer it can mount.
-	Lazy(labels map[string]string) bool
+	// Lazy returns nil when Prepare's labels describe a layer it can
+	// mount, else why not (a *NotLazyError, ideally).
+	Lazy(labels map[string]string) error
 	// Mount mounts the layer the labels describe on mountpoint.
 	Mount(ctx context.Context, key, mountpoint string, labels map[string]string) error
 	// Restore mounts again, after a restart, a layer mounted before.
@@ -145,6 +149,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		asyncRemove:  o.asyncRemove,
 		mountOptions: append(probe.mountOptions(), o.mountOptions...),
 		fs:           o.fs,
+		unpacked:     newUnpackedLog(),
 	}
 	if s.fs != nil {
 		s.restoreRemote(ctx)
@@ -233,7 +238,16 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		}
 	}
 	target := info.Labels[LabelSnapshotRef]
-	if s.fs == nil || target == "" || !s.fs.Lazy(info.Labels) {
+	if target == "" {
+		// Not a layer being pulled: a container's or a build's snapshot.
+		return s.create(ctx, snapshots.KindActive, key, parent, opts)
+	}
+	if s.fs == nil {
+		s.unpacked.add(ctx, target, info.Labels, NotLazy(ReasonLazyOff, "lazy layers are off (fs.lazy = false)"))
+		return s.create(ctx, snapshots.KindActive, key, parent, opts)
+	}
+	if err := s.fs.Lazy(info.Labels); err != nil {
+		s.unpacked.add(ctx, target, info.Labels, err)
 		return s.create(ctx, snapshots.KindActive, key, parent, opts)
 	}
 	if _, err := s.Stat(ctx, target); err == nil {
@@ -247,8 +261,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		if errdefs.IsAlreadyExists(err) {
 			return nil, err
 		}
-		log.G(ctx).WithError(err).WithFields(log.Fields{"key": key, "layer": info.Labels[LabelLayerDigest]}).
-			Warn("cannot mount layer lazily: containerd unpacks it")
+		s.unpacked.add(ctx, target, info.Labels, NotLazy(ReasonMountFailed, err.Error()))
 		return mounts, nil
 	}
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"slices"
 	"text/tabwriter"
@@ -18,6 +19,8 @@ import (
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/image-spec/identity"
 
+	"github.com/lazycas/lazycas/config"
+	"github.com/lazycas/lazycas/service"
 	"github.com/lazycas/lazycas/service/resolver"
 	"github.com/lazycas/lazycas/snapshot"
 )
@@ -38,6 +41,8 @@ type layerResult struct {
 	ChainID   string `json:"chainID"`
 	// Mode is "lazy" (mounted from the registry) or "unpacked".
 	Mode string `json:"mode"`
+	// Why, for an unpacked layer, is what the daemon said of it.
+	Why string `json:"why,omitempty"`
 	// DiskUsage is what the snapshot holds on the node's disk.
 	DiskUsage int64 `json:"diskUsage"`
 }
@@ -61,6 +66,7 @@ func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		plainHTTP   = flags.Bool("plain-http", false, "use plain HTTP for registries hosts.toml does not configure")
 		platform    = flags.String("platform", "", "platform to pull (default: this host's)")
 		asJSON      = flags.Bool("json", false, "print the result as JSON")
+		apiAddress  = flags.String("api-address", config.DefaultAPIAddress, "the lazycas daemon's API socket, asked why a layer was unpacked")
 	)
 	if err := flags.Parse(args); err != nil {
 		return err
@@ -109,6 +115,7 @@ func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	explainUnpacked(ctx, *apiAddress, &res)
 	res.Seconds = time.Since(start).Seconds()
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -154,6 +161,27 @@ func describePull(ctx context.Context, client *containerd.Client, img containerd
 	return res, nil
 }
 
+// explainUnpacked asks the daemon why the unpacked layers of res were not
+// mounted lazily. A daemon it cannot reach leaves them unexplained.
+func explainUnpacked(ctx context.Context, apiAddress string, res *pullResult) {
+	if !slices.ContainsFunc(res.Layers, func(l layerResult) bool { return l.Mode == "unpacked" }) {
+		return
+	}
+	var unpacked []snapshot.Unpacked
+	if err := newAPIClient(apiAddress).call(ctx, http.MethodGet, service.APIUnpacked, nil, &unpacked); err != nil {
+		return
+	}
+	why := map[string]string{}
+	for _, u := range unpacked {
+		why[u.ChainID] = u.Detail
+	}
+	for i := range res.Layers {
+		if res.Layers[i].Mode == "unpacked" {
+			res.Layers[i].Why = why[res.Layers[i].ChainID]
+		}
+	}
+}
+
 func printPull(w io.Writer, res pullResult) {
 	fmt.Fprintf(w, "pulled %s (%s) with %s in %.1fs\n", res.Image, res.Digest, res.Snapshotter, res.Seconds)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -162,6 +190,11 @@ func printPull(w io.Writer, res pullResult) {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", shortDigest(l.Digest), humanBytes(l.Size), l.Mode, humanBytes(l.DiskUsage))
 	}
 	tw.Flush()
+	for _, l := range res.Layers {
+		if l.Why != "" {
+			fmt.Fprintf(w, "  %s unpacked: %s\n", shortDigest(l.Digest), l.Why)
+		}
+	}
 }
 
 func shortDigest(d string) string {

@@ -126,6 +126,7 @@ type CLIPullLayer struct {
 	Size      int64  `json:"size"`
 	ChainID   string `json:"chainID"`
 	Mode      string `json:"mode"` // "lazy" or "unpacked"
+	Why       string `json:"why"`  // for an unpacked layer, the daemon's reason
 	DiskUsage int64  `json:"diskUsage"`
 }
 
@@ -134,7 +135,7 @@ type CLIPullLayer struct {
 // before the reference.
 func (e *Env) PullArgs(ref string, flags ...string) []string {
 	args := append([]string{"image", "pull", "--address", e.ContainerdAddress,
-		"--namespace", e.Namespace, "--plain-http"}, flags...)
+		"--namespace", e.Namespace, "--plain-http", "--api-address", e.APISocket()}, flags...)
 	return append(args, ref)
 }
 
