@@ -259,6 +259,30 @@ now; echo "done $round $t"
 // return a wrong byte, the containers must still run at the end, and the
 // longest wait any read saw is logged per phase.
 func TestContainersSurviveDaemonRestarts(t *testing.T) {
+	survive(t, survivalSchedule{restarts: survivalRestarts, kills: survivalKills})
+}
+
+// TestContainersSurviveDaemonRestartsContainerd2 runs a shorter schedule
+// under containerd 2.x, whose client reconnects to a restarted snapshotter
+// in its own way.
+func TestContainersSurviveDaemonRestartsContainerd2(t *testing.T) {
+	requireIntegration(t)
+	if _, err := testenv.BuildContainerd2(testContext(t), t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
+		t.Skip(err)
+	}
+	survive(t, survivalSchedule{containerd2: true, restarts: 3, kills: 3, short: true})
+}
+
+// survivalSchedule is what survive does to the daemon.
+type survivalSchedule struct {
+	containerd2     bool
+	restarts, kills int
+	// short skips the checks that a kill landed in a fetch and in a
+	// collection: a few kills may all miss them.
+	short bool
+}
+
+func survive(t *testing.T, sched survivalSchedule) {
 	requireIntegration(t)
 	begin := time.Now()
 	ctx := testContext(t)
@@ -269,7 +293,7 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 		upgraded <- upgradeBuild{p, err}
 	}()
 
-	env := newEnvWith(t, testenv.Options{DaemonConfig: survivalConfig})
+	env := newEnvWith(t, testenv.Options{DaemonConfig: survivalConfig, Containerd2: sched.containerd2})
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("random seed %d", seed)
 	s := &survival{t: t, ctx: ctx, env: env, rng: rand.New(rand.NewPCG(seed, seed>>1))}
@@ -315,7 +339,7 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 	t.Logf("FUSE holder pid %d before the first restart", env.HolderPID())
 
 	s.beginPhase("restarts")
-	for i := 0; i < survivalRestarts; i++ {
+	for i := 0; i < sched.restarts; i++ {
 		ev := s.beginEvent("restart")
 		if err := env.RestartDaemon(ctx); err != nil {
 			t.Fatalf("restart %d: %v", i+1, err)
@@ -325,7 +349,7 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 	}
 	s.endPhase()
 	holder := env.HolderPID()
-	t.Logf("FUSE holder pid %d after %d restarts", holder, survivalRestarts)
+	t.Logf("FUSE holder pid %d after %d restarts", holder, sched.restarts)
 	if holder == 0 {
 		t.Errorf("no live FUSE holder named by %s while containers run on lazy layers",
 			filepath.Join(env.DaemonRoot, testenv.HolderPIDFile))
@@ -363,7 +387,7 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 	// them that had already removed objects (a matter of milliseconds,
 	// logged, not required: it depends on the machine's load).
 	gcCut, gcInterrupted, gcs := 0, 0, 0
-	for i := 0; i < survivalKills; i++ {
+	for i := 0; i < sched.kills; i++ {
 		kind := kinds[i%len(kinds)]
 		var gcDone chan error
 		var beforeGC map[string]string
@@ -426,7 +450,7 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 		s.watch(s.between(200*time.Millisecond, 800*time.Millisecond))
 	}
 	s.endPhase()
-	t.Logf("FUSE holder pid %d after %d kills", env.HolderPID(), survivalKills)
+	t.Logf("FUSE holder pid %d after %d kills", env.HolderPID(), sched.kills)
 
 	// The holder's own death, while the daemon runs, costs nothing: the
 	// daemon starts another and hands it every mount, which the next
@@ -478,10 +502,10 @@ func TestContainersSurviveDaemonRestarts(t *testing.T) {
 	}
 	t.Logf("%d of the kills while readers fetched landed inside a round's reads of new files; %d of %d collections were cut short by a kill, %d of them after removing objects",
 		landed, gcCut, gcs, gcInterrupted)
-	if landed == 0 {
+	if landed == 0 && !sched.short {
 		t.Error("no kill landed while a reader read files it had not read before")
 	}
-	if gcCut == 0 {
+	if gcCut == 0 && !sched.short {
 		t.Error("no kill landed during a store collection")
 	}
 	valid, size := checkObjects(t, env)
