@@ -98,10 +98,8 @@ func serveConn(raw fuse.RawFileSystem, fd int, init []byte, mo fuse.MountOptions
 	mo.DirectMount = false
 	srv, err := fuse.NewServer(raw, fmt.Sprintf("/dev/fd/%d", sp[0]), &mo)
 	if err != nil {
-		// go-fuse closed sp[0] when INIT failed; on any other error it did
-		// not take it. Closing a closed number is harmless here: nothing
-		// opened since can have reused it in this call.
-		unix.Close(sp[0])
+		// go-fuse owns sp[0] from here and closes it on every error: it is
+		// not closed again (its number may already name another file).
 		return nil, nil, fmt.Errorf("fuse server: %w", err)
 	}
 	reply := make([]byte, 4096)
