@@ -172,14 +172,8 @@ func TestCrashSafety(t *testing.T) {
 			case <-time.After(time.Minute):
 				t.Fatal("the gc call did not return after the daemon died")
 			}
-			// Only a collection removes objects; background fetch adds some.
-			after := objectsOnDisk(t, env)
-			removed := 0
-			for d := range before {
-				if after[d] == "" {
-					removed++
-				}
-			}
+			// Background fetch adds objects meanwhile; it removes none.
+			removed := removedObjects(t, env, before)
 			what := fmt.Sprintf("gc killed after %s, having removed %d of %d objects (call: %v)", delay, removed, len(before), out.err)
 			switch {
 			case out.err == nil:
@@ -346,6 +340,20 @@ func hashSummary(t *testing.T, where, stdout string) string {
 		t.Fatalf("hashing on %s printed %q", where, stdout)
 	}
 	return out
+}
+
+// removedObjects counts the objects of before (an objectsOnDisk) that are
+// no longer on disk: only a collection removes objects.
+func removedObjects(t *testing.T, env *testenv.Env, before map[string]string) int {
+	t.Helper()
+	after := objectsOnDisk(t, env)
+	removed := 0
+	for d := range before {
+		if after[d] == "" {
+			removed++
+		}
+	}
+	return removed
 }
 
 // objectsOnDisk lists the store's objects by name (64 hex digits).

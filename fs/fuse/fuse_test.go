@@ -87,13 +87,10 @@ type mounted struct {
 	files *storeFiles
 }
 
-// mountEntries builds a layer of entries and mounts it under a new test
-// directory; it is unmounted when the test ends.
-func mountEntries(t testing.TB, entries []testlayer.Entry, opts Options) *mounted {
+// putLayer records blob's layer as "layer" in the metadata database in
+// dir, closed again, and returns its tree.
+func putLayer(t testing.TB, dir string, blob *testlayer.Blob) *layer.Tree {
 	t.Helper()
-	testlayer.Root(t)
-	dir := testlayer.TestDir(t)
-	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{ChunkSize: 4 << 20})
 	toc := blob.TOC(t)
 	tree, err := layer.Build(toc)
 	if err != nil {
@@ -103,11 +100,23 @@ func mountEntries(t testing.TB, entries []testlayer.Entry, opts Options) *mounte
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { db.Close() })
+	defer db.Close()
 	info := metadata.LayerInfo{Ref: "test", Digest: blob.Digest.String(), Size: int64(len(blob.Data)), TOCDigest: toc.Digest.String(), Format: string(toc.Format)}
 	if err := db.Put("layer", info, tree.Nodes, tree.Dirents); err != nil {
 		t.Fatal(err)
 	}
+	return tree
+}
+
+// openLayer opens the layer putLayer recorded in dir, and a store in dir
+// filled from blob; both close when the test ends.
+func openLayer(t testing.TB, dir string, blob []byte, f layer.Format) (*metadata.Layer, *storeFiles) {
+	t.Helper()
+	db, err := metadata.Open(filepath.Join(dir, "metadata.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
 	ml, err := db.Layer("layer")
 	if err != nil {
 		t.Fatal(err)
@@ -117,7 +126,18 @@ func mountEntries(t testing.TB, entries []testlayer.Entry, opts Options) *mounte
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	files := &storeFiles{st: st, blob: blob.Data, format: toc.Format}
+	return ml, &storeFiles{st: st, blob: blob, format: f}
+}
+
+// mountEntries builds a layer of entries and mounts it under a new test
+// directory; it is unmounted when the test ends.
+func mountEntries(t testing.TB, entries []testlayer.Entry, opts Options) *mounted {
+	t.Helper()
+	testlayer.Root(t)
+	dir := testlayer.TestDir(t)
+	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{ChunkSize: 4 << 20})
+	putLayer(t, dir, blob)
+	ml, files := openLayer(t, dir, blob.Data, layer.FormatEStargz)
 	mp := filepath.Join(dir, "mnt")
 	if err := os.Mkdir(mp, 0o755); err != nil {
 		t.Fatal(err)

@@ -18,7 +18,6 @@ import (
 	"github.com/lazycas/lazycas/fs/internal/testlayer"
 	"github.com/lazycas/lazycas/fs/layer"
 	"github.com/lazycas/lazycas/metadata"
-	"github.com/lazycas/lazycas/store"
 )
 
 // serveEnv, set for a child test binary, makes TestHelperServe mount a
@@ -34,33 +33,8 @@ type serveSpec struct {
 	Stall string
 }
 
-// handoverLayer is what both processes serve: a layer's blob, metadata and
-// store, under dir.
-type handoverLayer struct {
-	blob []byte
-	fmt  layer.Format
-}
-
-func (h handoverLayer) open(t testing.TB, dir string, stall string) (*metadata.DB, *metadata.Layer, *store.Store, Files) {
-	db, err := metadata.Open(filepath.Join(dir, "metadata.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ml, err := db.Layer("layer")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := store.Open(context.Background(), filepath.Join(dir, "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	files := &storeFiles{st: st, blob: h.blob, format: h.fmt}
-	if stall == "" {
-		return db, ml, st, files
-	}
-	return db, ml, st, stallingFiles{files, stall}
-}
-
+// stallingFiles never produces the content of the file whose digest it
+// names: a read of it stays unanswered until another process serves.
 type stallingFiles struct {
 	*storeFiles
 	digest string
@@ -89,13 +63,13 @@ func TestHelperServe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, ml, _, files := handoverLayer{blob: blob, fmt: layer.FormatEStargz}.open(t, spec.Dir, spec.Stall)
+	ml, files := openLayer(t, spec.Dir, blob, layer.FormatEStargz)
 	ctx := context.Background()
 	keeper, err := holder.Connect(ctx, holder.ClientOptions{Socket: spec.Socket})
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := Mount(ctx, spec.Mountpoint, ml, files, Options{Passthrough: spec.Passthrough, Keeper: keeper})
+	l, err := Mount(ctx, spec.Mountpoint, ml, stallingFiles{files, spec.Stall}, Options{Passthrough: spec.Passthrough, Keeper: keeper})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,26 +113,13 @@ func testResume(t *testing.T, passthrough bool, stop syscall.Signal) {
 		testlayer.File("stalled", stalled, 0o644),
 	}
 	blob := testlayer.Build(t, testlayer.Tar(t, entries), layer.FormatEStargz, testlayer.BuildOptions{ChunkSize: 1 << 20})
-	toc := blob.TOC(t)
-	tree, err := layer.Build(toc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tree := putLayer(t, dir, blob)
 	var stallDigest string
 	for _, n := range tree.Nodes {
 		if n.Size == int64(len(stalled)) {
 			stallDigest = n.Digest
 		}
 	}
-	db, err := metadata.Open(filepath.Join(dir, "metadata.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	info := metadata.LayerInfo{Ref: "test", Digest: blob.Digest.String(), Size: int64(len(blob.Data)), TOCDigest: toc.Digest.String(), Format: string(toc.Format)}
-	if err := db.Put("layer", info, tree.Nodes, tree.Dirents); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
 	if err := os.WriteFile(filepath.Join(dir, "blob"), blob.Data, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -241,8 +202,7 @@ func testResume(t *testing.T, passthrough bool, stop syscall.Signal) {
 	_ = child.Wait()
 
 	// The second server: this process.
-	db, ml, _, files := handoverLayer{blob: blob.Data, fmt: layer.FormatEStargz}.open(t, dir, "")
-	defer db.Close()
+	ml, files := openLayer(t, dir, blob.Data, layer.FormatEStargz)
 	keeper, err := holder.Connect(ctx, holder.ClientOptions{Socket: socket})
 	if err != nil {
 		t.Fatal(err)
