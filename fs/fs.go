@@ -293,11 +293,20 @@ func (f *FileSystem) Restore(ctx context.Context, key, mountpoint string) error 
 	}
 	// A daemon that died left its FUSE mount dead ("transport endpoint is
 	// not connected"): detach it before mounting anew.
-	if err := syscall.Unmount(mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+	if err := detach(mountpoint); err != nil {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("detach stale mount")
 	}
 	_, err := f.serve(ctx, key, mountpoint, nil, nil, nil)
 	return err
+}
+
+// detach lazily unmounts whatever is mounted on dir; nothing mounted
+// there, or no dir, is no error.
+func detach(dir string) error {
+	if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+		return err
+	}
+	return nil
 }
 
 // DropUnclaimed unmounts the held mounts no Restore took (their snapshot
@@ -318,7 +327,7 @@ func (f *FileSystem) DropUnclaimed(ctx context.Context) {
 		for _, fd := range h.Fds {
 			syscall.Close(fd)
 		}
-		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+		if err := detach(dir); err != nil {
 			log.G(ctx).WithError(err).WithField("mountpoint", dir).Warn("unmount a held mount of no snapshot")
 		}
 		if f.opts.Keeper != nil {
@@ -394,7 +403,7 @@ func (f *FileSystem) Unmount(ctx context.Context, key, mountpoint string) error 
 		if err := m.stop(); err != nil {
 			errs = append(errs, err)
 		}
-	} else if err := syscall.Unmount(mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+	} else if err := detach(mountpoint); err != nil {
 		errs = append(errs, fmt.Errorf("unmount %s: %w", mountpoint, err))
 	}
 	f.forget(ctx, key)
@@ -712,12 +721,15 @@ type Handover struct {
 	// the last daemon's end until this one served the last of them.
 	Waited time.Duration `json:"waitedNs"`
 	// Resent counts requests the last daemon read and never answered,
-	// answered by this one.
+	// answered by this one (counted with FUSEMetrics; 0 without).
 	Resent int64 `json:"resentRequests"`
 }
 
 func (f *FileSystem) handover() Handover {
 	h := Handover{Resumed: f.resumed.Load(), Failed: f.resumeFail.Load()}
+	if m := f.opts.FUSEMetrics; m != nil {
+		h.Resent = m.Resent.Load()
+	}
 	if last := f.lastResume.Load(); last > 0 && !f.opts.HeldSince.IsZero() {
 		h.Waited = time.Unix(0, last).Sub(f.opts.HeldSince)
 	}
@@ -742,9 +754,6 @@ func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
 	f.mu.Lock()
 	st.Mounted = len(f.layers)
 	st.Handover = f.handover()
-	for _, m := range f.layers {
-		st.Handover.Resent += m.fuse.Stats().Resent.Load()
-	}
 	for _, m := range f.layers {
 		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
 	}

@@ -79,8 +79,8 @@ var (
 	descStorePartial   = desc("store_partial_objects", "Large files being filled piece by piece.")
 	descStoreOpen      = desc("store_open_objects", "Objects with open handles.")
 	descStoreUnref     = desc("store_unreferenced_objects", "Objects no current layer refers to (collected first).")
-	descImageFiles     = desc("image_present_bytes", "Bytes of an image's files present in the store.", "ref")
-	descImageTotal     = desc("image_file_bytes", "Bytes of all an image's files.", "ref")
+	descImagePresent   = desc("image_present_bytes", "Bytes of an image's files present in the store.", "ref")
+	descImageFiles     = desc("image_file_bytes", "Bytes of all an image's files.", "ref")
 	descFUSE           = desc("fuse_request_duration_seconds", "FUSE requests answered, by operation, and how long they took.", "op")
 	descFUSEErrors     = desc("fuse_errors_total", "Opens and reads failed with EIO: a file's content could not be had (the log says why).", "op")
 	descResent         = desc("fuse_resent_requests_total", "Requests a previous daemon read and never answered, answered by this one.")
@@ -135,8 +135,8 @@ func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descStoreOpen, float64(st.Store.Open))
 	gauge(descStoreUnref, float64(st.Store.Unreferenced))
 	for _, im := range st.Images {
-		gauge(descImageFiles, float64(im.PresentBytes), im.Ref)
-		gauge(descImageTotal, float64(im.Bytes), im.Ref)
+		gauge(descImagePresent, float64(im.PresentBytes), im.Ref)
+		gauge(descImageFiles, float64(im.Bytes), im.Ref)
 	}
 	gauge(descResumed, float64(st.Handover.Resumed))
 	gauge(descResumeFailed, float64(st.Handover.Failed))

@@ -139,9 +139,6 @@ type Layer struct {
 // Stats counts FUSE operations, for profiling and tests.
 type Stats struct {
 	Lookups, Getattrs, Readdirs, Opens, Reads, OpenErrors, ReadErrors, Flushes atomic.Int64
-	// Resent counts requests an earlier process read and never answered,
-	// answered by this one.
-	Resent atomic.Int64
 }
 
 // cacheTimeout is how long the kernel may cache entries and attributes:

@@ -65,37 +65,43 @@ func (fs *layerFS) String() string { return "lazycas" }
 
 func (fs *layerFS) Init(s *fuse.Server) { fs.server.Store(s) }
 
-// enter admits a request and returns what ends it. Once the mount is
+// enter admits a request; its request's done ends it. Once the mount is
 // detached, no request is answered: one that arrives waits at the door,
 // and one that ends waits instead of answering (its answer may come from
 // a store or metadata closing under it), until the process exits. The
 // kernel then gives them to the next process.
-func (fs *layerFS) enter(h *fuse.InHeader) func() {
+func (fs *layerFS) enter(h *fuse.InHeader) request {
 	met := fs.m.opts.Metrics
-	if h.Unique&resent != 0 {
-		fs.m.stats.Resent.Add(1)
-		if met != nil {
-			met.Resent.Add(1)
-		}
+	if h.Unique&resent != 0 && met != nil {
+		met.Resent.Add(1)
 	}
 	fs.gate.RLock()
 	if fs.detached.Load() {
 		fs.gate.RUnlock()
 		select {}
 	}
-	if met == nil {
-		return fs.exit
+	r := request{fs: fs, met: met, op: h.Opcode}
+	if met != nil {
+		r.start = time.Now()
 	}
-	start, op := time.Now(), h.Opcode
-	return func() {
-		met.observe(op, time.Since(start))
-		fs.exit()
-	}
+	return r
 }
 
-func (fs *layerFS) exit() {
-	fs.gate.RUnlock()
-	if fs.detached.Load() {
+// request is one admitted request: a value, so that timing every request
+// costs no allocation.
+type request struct {
+	fs    *layerFS
+	met   *OpMetrics
+	op    uint32
+	start time.Time
+}
+
+func (r request) done() {
+	if r.met != nil {
+		r.met.observe(r.op, time.Since(r.start))
+	}
+	r.fs.gate.RUnlock()
+	if r.fs.detached.Load() {
 		select {}
 	}
 }
@@ -138,7 +144,7 @@ func (fs *layerFS) fillEntry(n *metadata.Node, out *fuse.EntryOut) {
 }
 
 func (fs *layerFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
-	defer fs.enter(h)()
+	defer fs.enter(h).done()
 	fs.m.stats.Lookups.Add(1)
 	child, err := fs.m.layer.Lookup(h.NodeId, name)
 	if errors.Is(err, metadata.ErrNotFound) {
@@ -165,7 +171,7 @@ func (fs *layerFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string,
 func (fs *layerFS) Forget(nodeid, nlookup uint64) {}
 
 func (fs *layerFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
-	defer fs.enter(&in.InHeader)()
+	defer fs.enter(&in.InHeader).done()
 	fs.m.stats.Getattrs.Add(1)
 	n, st := fs.node(in.NodeId)
 	if !st.Ok() {
@@ -177,7 +183,7 @@ func (fs *layerFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse
 }
 
 func (fs *layerFS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
-	defer fs.enter(h)()
+	defer fs.enter(h).done()
 	n, st := fs.node(h.NodeId)
 	if !st.Ok() {
 		return nil, st
@@ -200,7 +206,7 @@ func (fs *layerFS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr strin
 	if fs.m.opts.NoXattrs {
 		return 0, fuse.ENOSYS
 	}
-	defer fs.enter(h)()
+	defer fs.enter(h).done()
 	n, st := fs.node(h.NodeId)
 	if !st.Ok() {
 		return 0, st
@@ -216,7 +222,7 @@ func (fs *layerFS) GetXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr strin
 }
 
 func (fs *layerFS) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
-	defer fs.enter(h)()
+	defer fs.enter(h).done()
 	n, st := fs.node(h.NodeId)
 	if !st.Ok() {
 		return 0, st
@@ -258,7 +264,7 @@ func (fs *layerFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
 // Directories.
 
 func (fs *layerFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	defer fs.enter(&in.InHeader)()
+	defer fs.enter(&in.InHeader).done()
 	n, st := fs.node(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -325,7 +331,7 @@ func (fs *layerFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fus
 // readDir lists from the offset the kernel asks for: entry i has offset
 // i+1, so any process can continue any listing.
 func (fs *layerFS) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
-	defer fs.enter(&in.InHeader)()
+	defer fs.enter(&in.InHeader).done()
 	l, st := fs.listing(in.NodeId)
 	if !st.Ok() {
 		return st
@@ -363,7 +369,7 @@ func (fs *layerFS) ReleaseDir(in *fuse.ReleaseIn) {}
 // Files.
 
 func (fs *layerFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	defer fs.enter(&in.InHeader)()
+	defer fs.enter(&in.InHeader).done()
 	if in.Flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
 		return fuse.EROFS
 	}
@@ -461,7 +467,7 @@ func (fs *layerFS) backingFor(ino uint64, f File) int32 {
 }
 
 func (fs *layerFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
-	defer fs.enter(&in.InHeader)()
+	defer fs.enter(&in.InHeader).done()
 	fs.m.stats.Reads.Add(1)
 	ino := in.Fh >> 2
 	if in.Fh&3 == fhEmpty {
@@ -508,7 +514,7 @@ func (fs *layerFS) readable(ino uint64) (File, error) {
 }
 
 func (fs *layerFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
-	defer fs.enter(&in.InHeader)()
+	defer fs.enter(&in.InHeader).done()
 	ino, mode := in.Fh>>2, in.Fh&3
 	if mode == fhEmpty {
 		return

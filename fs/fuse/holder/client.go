@@ -63,13 +63,6 @@ func Connect(ctx context.Context, opts ClientOptions) (*Client, error) {
 // client connected first: how long the mounts it held went unserved.
 func (c *Client) Orphaned() time.Duration { return time.Duration(c.hello.Orphan) }
 
-// HolderPID is the pid of the holder this client talks to.
-func (c *Client) HolderPID() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.hello.PID
-}
-
 // connect dials the holder, spawning one if none answers. c.mu held or
 // not yet shared.
 func (c *Client) connect(ctx context.Context) error {
