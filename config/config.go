@@ -62,6 +62,20 @@ type Config struct {
 	Containerd  Containerd  `toml:"containerd"`
 	Store       Store       `toml:"store"`
 	Remote      Remote      `toml:"remote"`
+	CRI         CRI         `toml:"cri"`
+}
+
+// CRI configures the CRI image service lazycas serves in front of
+// containerd's, so that kubelet's pull secrets serve lazy reads too.
+type CRI struct {
+	// ImageServiceAddress is the unix socket kubelet's
+	// --image-service-endpoint names, e.g. "/run/lazycas/cri.sock"; ""
+	// serves none. Calls go on to containerd at containerd.address.
+	ImageServiceAddress string `toml:"image_service_address"`
+	// CredentialTTL is how long the credentials of a pull serve lazy reads
+	// of its layers (less when they carry an earlier expiry), e.g. "12h".
+	// Each pull of the image renews them.
+	CredentialTTL Duration `toml:"credential_ttl"`
 }
 
 // FS configures lazy layers: FUSE mounts, prefetch and background fetch.
@@ -220,6 +234,7 @@ func Default() Config {
 		Containerd: Containerd{Address: DefaultContainerdAddress},
 		Store:      Store{PartialMinSize: Size{4 << 20}, Verity: true},
 		Remote:     Remote{RequestTimeout: Duration{30 * time.Second}, Retries: 4, MaxInFlight: 4},
+		CRI:        CRI{CredentialTTL: Duration{12 * time.Hour}},
 	}
 }
 
@@ -336,6 +351,26 @@ func (c *Config) Validate() error {
 		if err := absPath("containerd.address", c.Containerd.Address); err != nil {
 			return err
 		}
+	}
+	if c.CRI.ImageServiceAddress != "" {
+		if err := absPath("cri.image_service_address", c.CRI.ImageServiceAddress); err != nil {
+			return err
+		}
+		if len(c.CRI.ImageServiceAddress) > 107 {
+			return fmt.Errorf("key \"cri.image_service_address\": socket path is %d bytes, the limit is 107", len(c.CRI.ImageServiceAddress))
+		}
+		if c.Containerd.Address == "" {
+			return fmt.Errorf("key \"cri.image_service_address\": the proxy passes calls on to containerd: set containerd.address")
+		}
+		if !c.FS.Lazy {
+			return fmt.Errorf("key \"cri.image_service_address\": the proxy keeps credentials for lazy layers: set fs.lazy = true or remove the key")
+		}
+		if c.CRI.ImageServiceAddress == c.Address || c.CRI.ImageServiceAddress == c.APISocket() {
+			return fmt.Errorf("key \"cri.image_service_address\": must differ from \"address\" and \"api_address\"")
+		}
+	}
+	if d := c.CRI.CredentialTTL.Duration; d < time.Minute || d > 30*24*time.Hour {
+		return fmt.Errorf("key \"cri.credential_ttl\": %s is not between 1m and 720h", d)
 	}
 	if c.Remote.ConfigPath != "" {
 		if err := absPath("remote.config_path", c.Remote.ConfigPath); err != nil {

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/service/cri"
 	"github.com/lazycas/lazycas/snapshot"
 )
 
@@ -22,12 +23,15 @@ const metricsTimeout = 10 * time.Second
 // newRegistry returns the daemon's own registry (no global one): the Go
 // runtime and process, and, with lazy layers, lazycas's figures, read
 // from the same counters `lazycas store stats` shows at each scrape.
-func newRegistry(sn *snapshot.Snapshotter, lz *lazy) *prometheus.Registry {
+func newRegistry(sn *snapshot.Snapshotter, lz *lazy, cp *cri.Proxy) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		unpackedCollector{sn})
 	if lz != nil {
 		reg.MustRegister(&lazyCollector{lz: lz})
+	}
+	if cp != nil {
+		reg.MustRegister(criCollector{cp})
 	}
 	return reg
 }
@@ -49,7 +53,7 @@ func (c unpackedCollector) Collect(ch chan<- prometheus.Metric) {
 // ServeMetrics serves Prometheus metrics on l, at /metrics, until Shutdown.
 func (s *Service) ServeMetrics(l net.Listener) error {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(newRegistry(s.sn, s.lazy), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(newRegistry(s.sn, s.lazy, s.cri), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	s.metrics = srv
 	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -30,6 +30,7 @@ import (
 	"github.com/lazycas/lazycas/fs/profile"
 	"github.com/lazycas/lazycas/fs/remote"
 	"github.com/lazycas/lazycas/metadata"
+	"github.com/lazycas/lazycas/service/cri"
 	"github.com/lazycas/lazycas/service/finder"
 	"github.com/lazycas/lazycas/service/resolver"
 	"github.com/lazycas/lazycas/snapshot"
@@ -43,6 +44,10 @@ type Service struct {
 	lazy    *lazy // nil when lazy layers are off
 	api     *http.Server
 	metrics *http.Server
+	// cri is the image service kubelet may pull through; nil unless
+	// cri.image_service_address is set.
+	cri    *cri.Proxy
+	criSrv *grpc.Server
 }
 
 // lazy is what mounting lazy layers takes.
@@ -55,6 +60,7 @@ type lazy struct {
 	prof    *profile.DB // nil unless fs.learn
 	learn   *lazyfs.Profiles
 	holder  *holder.Client // nil unless fs.holder
+	keys    *cri.Keyring   // nil unless the CRI image service is served
 	// fuseMetrics counts every mount's FUSE requests, for /metrics.
 	fuseMetrics *fuse.OpMetrics
 }
@@ -114,12 +120,19 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		return nil, err
 	}
 	l := &lazy{meta: meta, store: st, fuseMetrics: &fuse.OpMetrics{}}
-	l.fetcher = remote.New(remote.Options{
+	ro := remote.Options{
 		Hosts:          resolver.Hosts(ctx, resolver.Options{HostsDir: cfg.Remote.ConfigPath}),
 		RequestTimeout: cfg.Remote.RequestTimeout.Duration,
 		Retries:        retries(cfg.Remote.Retries),
 		MaxInFlight:    cfg.Remote.MaxInFlight,
-	})
+	}
+	if cfg.CRI.ImageServiceAddress != "" {
+		// Kubelet's pull secrets, by repository, before the node's docker
+		// config.
+		l.keys = cri.NewKeyring(cfg.CRI.CredentialTTL.Duration)
+		ro.RepoHosts = resolver.RepoHosts(ctx, resolver.Options{HostsDir: cfg.Remote.ConfigPath, RepoCredentials: l.keys})
+	}
+	l.fetcher = remote.New(ro)
 	defer func() {
 		if err != nil {
 			l.close()
@@ -215,7 +228,29 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 	}
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	return &Service{sn: sn, grpc: srv, lazy: lz}, nil
+	s := &Service{sn: sn, grpc: srv, lazy: lz}
+	if cfg.CRI.ImageServiceAddress != "" {
+		if s.cri, err = cri.NewProxy(cfg.Containerd.Address, lz.keys); err != nil {
+			sn.Close()
+			return nil, err
+		}
+		s.criSrv = grpc.NewServer()
+		s.cri.Register(s.criSrv)
+	}
+	return s, nil
+}
+
+// ServeCRI answers CRI image service calls on l until Shutdown, passing
+// them on to containerd (see service/cri).
+func (s *Service) ServeCRI(l net.Listener) error {
+	if s.criSrv == nil {
+		l.Close()
+		return errors.New("cri.image_service_address is not set")
+	}
+	if err := s.criSrv.Serve(l); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return fmt.Errorf("serve CRI image service on %s: %w", l.Addr(), err)
+	}
+	return nil
 }
 
 // Serve answers requests on l until Shutdown.
@@ -230,6 +265,12 @@ func (s *Service) Serve(l net.Listener) error {
 // the snapshotter. Mounts that containerd made stay: containers keep running.
 func (s *Service) Shutdown(ctx context.Context, grace time.Duration) error {
 	s.shutdownAPI(ctx)
+	if s.criSrv != nil {
+		// A pull in flight is containerd's to finish; kubelet retries
+		// the call against the next daemon.
+		s.criSrv.Stop()
+		s.cri.Close()
+	}
 	done := make(chan struct{})
 	go func() {
 		s.grpc.GracefulStop()

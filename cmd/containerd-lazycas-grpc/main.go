@@ -129,6 +129,21 @@ func serve(ctx context.Context, cfg config.Config) error {
 			}
 		}()
 	}
+	if cfg.CRI.ImageServiceAddress != "" {
+		cl, err := service.Listen(ctx, cfg.CRI.ImageServiceAddress)
+		if err != nil {
+			// kubelet's pulls then fail (it names the socket) while
+			// containerd is still served.
+			logger.WithError(err).Error("CRI image service not served")
+		} else {
+			go func() {
+				if err := svc.ServeCRI(cl); err != nil {
+					logger.WithError(err).Error("CRI image service stopped")
+				}
+			}()
+			logger.WithFields(log.Fields{"cri": cfg.CRI.ImageServiceAddress, "containerd": cfg.Containerd.Address}).Info("serving the CRI image service (kubelet --image-service-endpoint)")
+		}
+	}
 	if cfg.MetricsAddress != "" {
 		ml, err := net.Listen("tcp", cfg.MetricsAddress)
 		if err != nil {

@@ -36,6 +36,10 @@ type Options struct {
 	// Hosts is containerd's registry host configuration, e.g. from
 	// service/resolver.Hosts. Required.
 	Hosts docker.RegistryHosts
+	// RepoHosts, when set, is asked instead of Hosts, by repository: for
+	// credentials that differ by repository (see
+	// service/resolver.RepoHosts). Hosts are then kept per repository.
+	RepoHosts func(registry, repository string) ([]docker.RegistryHost, error)
 	// RequestTimeout bounds one HTTP request, body included. Default 30s.
 	RequestTimeout time.Duration
 	// Retries is the number of extra attempts per host on a 5xx, a reset
@@ -147,18 +151,28 @@ func (f *Fetcher) Close() {
 	}
 }
 
-// pullHosts returns the hosts that can pull from registry name, mirrors
-// first, in configuration order.
-func (f *Fetcher) pullHosts(name string) ([]docker.RegistryHost, error) {
+// pullHosts returns the hosts that can pull repo from registry name,
+// mirrors first, in configuration order.
+func (f *Fetcher) pullHosts(name, repo string) ([]docker.RegistryHost, error) {
+	key := name
+	if f.opts.RepoHosts != nil {
+		key = name + "/" + repo
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if hosts, ok := f.hosts[name]; ok {
+	if hosts, ok := f.hosts[key]; ok {
 		return hosts, nil
 	}
-	if f.opts.Hosts == nil {
+	var all []docker.RegistryHost
+	var err error
+	switch {
+	case f.opts.RepoHosts != nil:
+		all, err = f.opts.RepoHosts(name, repo)
+	case f.opts.Hosts != nil:
+		all, err = f.opts.Hosts(name)
+	default:
 		return nil, fmt.Errorf("remote: no registry hosts configured: %w", errdefs.ErrInvalidArgument)
 	}
-	all, err := f.opts.Hosts(name)
 	if err != nil {
 		return nil, fmt.Errorf("registry hosts for %s: %w", name, err)
 	}
@@ -171,7 +185,7 @@ func (f *Fetcher) pullHosts(name string) ([]docker.RegistryHost, error) {
 	if len(hosts) == 0 {
 		return nil, fmt.Errorf("no pull hosts for %s: %w", name, errdefs.ErrNotFound)
 	}
-	f.hosts[name] = hosts
+	f.hosts[key] = hosts
 	return hosts, nil
 }
 
@@ -210,7 +224,8 @@ func (f *Fetcher) open(ref string, desc ocispec.Descriptor) (*Blob, error) {
 		return nil, fmt.Errorf("open blob %s: reference %q: %w: %w", desc.Digest, ref, errdefs.ErrInvalidArgument, err)
 	}
 	name := spec.Hostname()
-	hosts, err := f.pullHosts(name)
+	repo := strings.TrimPrefix(spec.Locator, name+"/")
+	hosts, err := f.pullHosts(name, repo)
 	if err != nil {
 		return nil, fmt.Errorf("open blob %s: %w", desc.Digest, err)
 	}
@@ -223,7 +238,7 @@ func (f *Fetcher) open(ref string, desc ocispec.Descriptor) (*Blob, error) {
 		digest:   desc.Digest,
 		size:     desc.Size,
 		registry: name,
-		repo:     strings.TrimPrefix(spec.Locator, name+"/"),
+		repo:     repo,
 		scope:    scope,
 		hosts:    hosts,
 		slots:    make(chan struct{}, f.opts.MaxInFlight),

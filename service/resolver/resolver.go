@@ -31,16 +31,52 @@ type Options struct {
 	// Keychain supplies credentials; nil means the docker config.json
 	// keychain (DOCKER_CONFIG, ~/.docker, credential helpers).
 	Keychain authn.Keychain
+	// RepoCredentials, when set, is asked first, by repository (see
+	// RepoHosts): the credentials kubelet pulled the image with.
+	RepoCredentials RepoCredentials
+}
+
+// RepoCredentials are credentials that differ by repository, such as
+// kubelet's pull secrets.
+type RepoCredentials interface {
+	// Credentials returns what a request to host for repository of
+	// registry authenticates with; ok false means none here.
+	Credentials(host, registry, repository string) (user, secret string, ok bool)
 }
 
 // Hosts returns containerd's registry host configuration for opts.
 func Hosts(ctx context.Context, opts Options) docker.RegistryHosts {
+	return hosts(ctx, opts, nil)
+}
+
+// RepoHosts returns the host configuration of one repository of a
+// registry: its authorizers ask opts.RepoCredentials for that repository
+// before the keychain, so one registry's repositories can each read with
+// the credentials they were pulled with.
+func RepoHosts(ctx context.Context, opts Options) func(registry, repository string) ([]docker.RegistryHost, error) {
+	return func(registry, repository string) ([]docker.RegistryHost, error) {
+		var first func(host string) (string, string, bool)
+		if opts.RepoCredentials != nil {
+			first = func(host string) (string, string, bool) {
+				return opts.RepoCredentials.Credentials(host, registry, repository)
+			}
+		}
+		return hosts(ctx, opts, first)(registry)
+	}
+}
+
+func hosts(ctx context.Context, opts Options, first func(host string) (string, string, bool)) docker.RegistryHosts {
 	keychain := opts.Keychain
 	if keychain == nil {
 		keychain = authn.DefaultKeychain
 	}
 	ho := config.HostOptions{
 		Credentials: func(host string) (string, string, error) {
+			if first != nil {
+				if user, secret, ok := first(host); ok {
+					return user, secret, nil
+				}
+			}
 			return credentials(ctx, keychain, host)
 		},
 		UpdateClient: keepConnections,
