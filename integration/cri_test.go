@@ -55,21 +55,37 @@ type crictl struct {
 	t    *testing.T
 	bin  string
 	sock string
+	// image is the image service's socket when it is not containerd's
+	// (lazycas's CRI proxy).
+	image string
 }
 
 func (c crictl) run(ctx context.Context, args ...string) string {
 	c.t.Helper()
+	out, err := c.try(ctx, args...)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return out
+}
+
+// try runs crictl and returns its output, or an error with its stderr.
+func (c crictl) try(ctx context.Context, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
-	all := append([]string{"--config", "/dev/null", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "2m"}, args...)
+	image := c.image
+	if image == "" {
+		image = c.sock
+	}
+	all := append([]string{"--config", "/dev/null", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + image, "--timeout", "2m"}, args...)
 	cmd := exec.CommandContext(ctx, c.bin, all...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr // warnings, apart from the answer
 	out, err := cmd.Output()
 	if err != nil {
-		c.t.Fatalf("crictl %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+		return "", fmt.Errorf("crictl %s: %w\n%s%s", strings.Join(args, " "), err, out, stderr.String())
 	}
-	return strings.TrimSpace(string(out))
+	return strings.TrimSpace(string(out)), nil
 }
 
 // TestCRIRunsALazyImage drives containerd's CRI plugin with crictl, as
@@ -100,15 +116,7 @@ func testCRI(t *testing.T, containerd2 bool) {
 		}
 		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
 	}})
-	hostDir := filepath.Join(hosts, env.RegistryHost)
-	if err := os.MkdirAll(hostDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
-		"http://"+env.RegistryHost, "http://"+env.RegistryHost)
-	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeHostsToml(t, hosts, env.RegistryHost)
 	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
 		t.Fatal(err)
 	}
@@ -123,34 +131,7 @@ func testCRI(t *testing.T, containerd2 bool) {
 		t.Fatal("crictl pull mounted no layer lazily")
 	}
 
-	dir := t.TempDir()
-	write := func(name string, v any) string {
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	pod := write("pod.json", map[string]any{
-		"metadata":      map[string]any{"name": "lazy", "namespace": "default", "uid": testenv.UniqueID("uid")},
-		"log_directory": filepath.Join(dir, "logs"),
-		// The node's network: no CNI here.
-		"linux": map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}},
-	})
-	ctr := write("container.json", map[string]any{
-		"metadata": map[string]any{"name": "python"},
-		"image":    map[string]any{"image": ref},
-		"command":  []string{"python3", "-c", "import json, sys, time; print('ready', sys.version_info[0], flush=True); time.sleep(600)"},
-		"log_path": "python.log",
-		"linux":    map[string]any{},
-	})
-	podID := cri.run(ctx, "runp", pod)
-	ctrID := cri.run(ctx, "create", podID, ctr, pod)
-	cri.run(ctx, "start", ctrID)
+	podID, ctrID := startPod(ctx, t, cri, ref, "python3", "-c", "import json, sys, time; print('ready', sys.version_info[0], flush=True); time.sleep(600)")
 	deadline := time.Now().Add(time.Minute)
 	for !strings.Contains(cri.run(ctx, "logs", ctrID), "ready 3") {
 		if time.Now().After(deadline) {
@@ -176,4 +157,54 @@ func testCRI(t *testing.T, containerd2 bool) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("pod run, logs, exec, stop, rmp and rmi through CRI; every lazy mount gone after rmi")
+}
+
+// writeHostsToml lets containerd reach the plain-HTTP registry host
+// through the hosts directory dir.
+func writeHostsToml(t *testing.T, dir, host string) {
+	t.Helper()
+	hostDir := filepath.Join(dir, host)
+	if err := os.MkdirAll(hostDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
+		"http://"+host, "http://"+host)
+	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startPod runs a pod on the node's network with one container of image
+// ref running command, through CRI, as kubelet does.
+func startPod(ctx context.Context, t *testing.T, cri crictl, ref string, command ...string) (podID, ctrID string) {
+	t.Helper()
+	dir := t.TempDir()
+	write := func(name string, v any) string {
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	pod := write("pod.json", map[string]any{
+		"metadata":      map[string]any{"name": "lazy", "namespace": "default", "uid": testenv.UniqueID("uid")},
+		"log_directory": filepath.Join(dir, "logs"),
+		// The node's network: no CNI here.
+		"linux": map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}},
+	})
+	ctr := write("container.json", map[string]any{
+		"metadata": map[string]any{"name": "app"},
+		"image":    map[string]any{"image": ref},
+		"command":  command,
+		"log_path": "app.log",
+		"linux":    map[string]any{},
+	})
+	podID = cri.run(ctx, "runp", pod)
+	ctrID = cri.run(ctx, "create", podID, ctr, pod)
+	cri.run(ctx, "start", ctrID)
+	return podID, ctrID
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"golang.org/x/crypto/bcrypt"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -43,6 +44,13 @@ http:
   addr: %s
 `
 
+// registryAuthConfig is the registry's htpasswd section.
+const registryAuthConfig = `auth:
+  htpasswd:
+    realm: lazycas-test
+    path: %s
+`
+
 // startRegistry starts the registry on a free loopback port. The port is
 // found by binding and releasing it, so a lost race is retried.
 func (e *Env) startRegistry(ctx context.Context) error {
@@ -55,7 +63,19 @@ func (e *Env) startRegistry(ctx context.Context) error {
 		host := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 		cfg := filepath.Join(e.Dir, "registry.yml")
 		storage := filepath.Join(e.Dir, "registry")
-		if err := os.WriteFile(cfg, fmt.Appendf(nil, registryConfig, storage, host), 0o644); err != nil {
+		content := fmt.Appendf(nil, registryConfig, storage, host)
+		if a := e.opts.RegistryAuth; a != nil {
+			htpasswd := filepath.Join(e.Dir, "registry.htpasswd")
+			hash, err := bcrypt.GenerateFromPassword([]byte(a.Password), bcrypt.MinCost)
+			if err != nil {
+				return err
+			}
+			if err := os.WriteFile(htpasswd, fmt.Appendf(nil, "%s:%s\n", a.User, hash), 0o600); err != nil {
+				return err
+			}
+			content = fmt.Appendf(content, registryAuthConfig, htpasswd)
+		}
+		if err := os.WriteFile(cfg, content, 0o644); err != nil {
 			return err
 		}
 		p, err := startProcess("registry", filepath.Join(e.Dir, registryLog), registryBinary, "serve", cfg)
@@ -67,7 +87,14 @@ func (e *Env) startRegistry(ctx context.Context) error {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			resp, err := hc.Get("http://" + host + "/v2/")
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+host+"/v2/", nil)
+			if err != nil {
+				return err
+			}
+			if a := e.opts.RegistryAuth; a != nil {
+				req.SetBasicAuth(a.User, a.Password)
+			}
+			resp, err := hc.Do(req)
 			if err != nil {
 				return err
 			}
@@ -125,7 +152,14 @@ func (e *Env) startDaemon(ctx context.Context) error {
 	if err := os.WriteFile(cfg, []byte(content), 0o644); err != nil {
 		return err
 	}
-	p, err := startProcess("lazycas", filepath.Join(e.Dir, daemonLog), e.opts.DaemonPath,
+	// The daemon gets no registry credentials from the host's docker
+	// config: only what a test gives it.
+	dockerConfig := filepath.Join(e.Dir, "daemon-docker-config")
+	if err := os.MkdirAll(dockerConfig, 0o700); err != nil {
+		return err
+	}
+	p, err := startProcessEnv("lazycas", filepath.Join(e.Dir, daemonLog), e.opts.DaemonPath,
+		append(daemonEnv(), "DOCKER_CONFIG="+dockerConfig),
 		"--root", e.DaemonRoot, "--address", e.DaemonAddress, "--log-level", "debug", "--config", cfg)
 	if err != nil {
 		return err

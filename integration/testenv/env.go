@@ -63,9 +63,16 @@ type Options struct {
 	// tables, in the schema of the containerd that runs (1.6's version 2,
 	// 2.x's version 3).
 	CRIConfig func(e *Env) string
+	// RegistryAuth, when set, makes the registry require these
+	// credentials (htpasswd, HTTP basic); PushImage and Resolver use
+	// them, the daemon has none of its own.
+	RegistryAuth *BasicAuth
 	// Logf receives progress messages; nil discards them.
 	Logf func(format string, args ...any)
 }
+
+// BasicAuth is a user name and password.
+type BasicAuth struct{ User, Password string }
 
 // ProxySnapshotter is a snapshotter daemon serving containerd's snapshots
 // API on a unix socket.

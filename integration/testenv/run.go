@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
@@ -67,7 +68,11 @@ func (e *Env) PushImage(ctx context.Context, im *testimages.Image) (*Pushed, err
 		return nil, err
 	}
 	start := time.Now()
-	if err := remote.Write(ref, loaded.Image, remote.WithContext(ctx)); err != nil {
+	ropts := []remote.Option{remote.WithContext(ctx)}
+	if a := e.opts.RegistryAuth; a != nil {
+		ropts = append(ropts, remote.WithAuth(&authn.Basic{Username: a.User, Password: a.Password}))
+	}
+	if err := remote.Write(ref, loaded.Image, ropts...); err != nil {
 		return nil, fmt.Errorf("push %s: %w", p.Ref, err)
 	}
 	p.PushTime = time.Since(start)
@@ -77,9 +82,13 @@ func (e *Env) PushImage(ctx context.Context, im *testimages.Image) (*Pushed, err
 // Resolver resolves references against the loopback registry over plain
 // HTTP.
 func (e *Env) Resolver() remotes.Resolver {
-	return docker.NewResolver(docker.ResolverOptions{
-		Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchLocalhost)),
-	})
+	opts := []docker.RegistryOpt{docker.WithPlainHTTP(docker.MatchLocalhost)}
+	if a := e.opts.RegistryAuth; a != nil {
+		opts = append(opts, docker.WithAuthorizer(docker.NewDockerAuthorizer(docker.WithAuthCreds(func(string) (string, string, error) {
+			return a.User, a.Password, nil
+		}))))
+	}
+	return docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(opts...)})
 }
 
 // Pull pulls ref through containerd's client into the lazycas snapshotter

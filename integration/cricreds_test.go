@@ -1,0 +1,127 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lazycas/lazycas/fs/convert"
+	"github.com/lazycas/lazycas/integration/testenv"
+	"github.com/lazycas/lazycas/integration/testimages"
+)
+
+// TestCRIPullWithKubeletCredentials pulls from a registry that wants a
+// password, as kubelet does with a pull secret: through lazycas's CRI
+// image service, with crictl pull --creds. The daemon has no docker config
+// of its own, so the lazy reads a container makes after the pull can only
+// authenticate with the credentials the proxy kept from the pull; and
+// those must appear in no log and no file of the daemon's.
+func TestCRIPullWithKubeletCredentials(t *testing.T) {
+	requireIntegration(t)
+	ctx := testContext(t)
+	bin, err := testenv.BuildCrictl(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Unix socket paths must stay short: not under t.TempDir().
+	sockDir, err := os.MkdirTemp("", "cri")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	proxySock := filepath.Join(sockDir, "cri.sock")
+	auth := &testenv.BasicAuth{User: "kubelet", Password: "pull-" + testenv.UniqueID("secret")}
+	hosts := filepath.Join(t.TempDir(), "cri-hosts.d")
+	env := newEnvWith(t, testenv.Options{
+		RegistryAuth: auth,
+		// Nothing fetched ahead: every file the container reads is read
+		// lazily, after the pull, with the pull's credentials.
+		DaemonConfig: fmt.Sprintf("[fs]\nprefetch = false\nstartup_fetch = false\nbackground_fetch = false\nlearn = false\n\n[cri]\nimage_service_address = %q\n", proxySock),
+		CRIConfig: func(e *testenv.Env) string {
+			return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
+		},
+	})
+	writeHostsToml(t, hosts, env.RegistryHost)
+	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
+		t.Fatal(err)
+	}
+	ref := convertPython(ctx, t, env, convert.EStargz, nil)
+	cri := crictl{t: t, bin: bin, sock: env.ContainerdAddress, image: proxySock}
+	creds := auth.User + ":" + auth.Password
+
+	if _, err := cri.try(ctx, "pull", ref); err == nil {
+		t.Fatal("crictl pull without credentials succeeded: the registry does not ask for them")
+	} else if !strings.Contains(strings.ToLower(err.Error()), "unauthorized") && !strings.Contains(err.Error(), "401") {
+		t.Errorf("pull without credentials failed for another reason than authorization: %v", err)
+	}
+	// The sandbox image too is private: pulled ahead, as on a node whose
+	// pause image lives in a private registry.
+	cri.run(ctx, "pull", "--creds", creds, env.RegistryHost+"/pause:latest")
+	cri.run(ctx, "pull", "--creds", creds, ref)
+	if n := len(lazyMounts(t, env)); n == 0 {
+		t.Fatal("the credentialed crictl pull mounted no layer lazily")
+	}
+	before, err := env.DaemonStats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	podID, ctrID := startPod(ctx, t, cri, ref, "python3", "-c",
+		"import email.parser, json, http.client, sqlite3, xml.dom.minidom; print('imported', flush=True); import time; time.sleep(600)")
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(cri.run(ctx, "logs", ctrID), "imported") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the container printed nothing in a minute: %q\n%s", cri.run(ctx, "logs", ctrID), env.LogTail(30))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	after, err := env.DaemonStats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fetched := after.Store.FetchedFiles - before.Store.FetchedFiles
+	t.Logf("after the pull, the container's start fetched %d files in %d registry requests with the pull's credentials",
+		fetched, after.Fetch.Requests-before.Fetch.Requests)
+	if fetched == 0 {
+		t.Error("the container started without a lazy read: the test proves nothing about the credentials")
+	}
+	cri.run(ctx, "stop", ctrID)
+	cri.run(ctx, "rm", ctrID)
+	cri.run(ctx, "stopp", podID)
+	cri.run(ctx, "rmp", podID)
+
+	// Never logged, never on disk: the daemon's log and every file under
+	// its root (databases, store, snapshots) are searched for the password.
+	secret := []byte(auth.Password)
+	logs, err := os.ReadFile(filepath.Join(env.Dir, "lazycas.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(logs, secret) {
+		t.Error("the daemon's log holds the registry password")
+	}
+	var files int
+	err = filepath.WalkDir(env.DaemonRoot, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil // mounts and sockets of a live daemon come and go
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil
+		}
+		files++
+		if bytes.Contains(data, secret) {
+			t.Errorf("%s holds the registry password", path)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("searched the daemon's log and %d files under its root for the password", files)
+}
