@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io/fs"
 	"os"
@@ -90,6 +91,24 @@ func TestCRIPullWithKubeletCredentials(t *testing.T) {
 	if fetched == 0 {
 		t.Error("the container started without a lazy read: the test proves nothing about the credentials")
 	}
+
+	// The daemon goes away twice, once politely and once killed; the
+	// credentials go with the fuse holder's memory to the next, and the
+	// container's later imports read on with them. Kubelet does not pull
+	// an image it has again, so nothing else would bring them back.
+	if err := env.RestartDaemon(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Python's start read /usr/lib and /etc, not /usr/share.
+	lazyRead(ctx, t, env, cri, ctrID, "/usr/share/zoneinfo")
+	if err := env.KillDaemon(); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.StartDaemonAgain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	lazyRead(ctx, t, env, cri, ctrID, "/usr /etc /var")
+
 	cri.run(ctx, "stop", ctrID)
 	cri.run(ctx, "rm", ctrID)
 	cri.run(ctx, "stopp", podID)
@@ -124,4 +143,27 @@ func TestCRIPullWithKubeletCredentials(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("searched the daemon's log and %d files under its root for the password", files)
+}
+
+// lazyRead reads every file under dir (directories, separated by spaces)
+// in the container and checks that
+// some were fetched, that is, read lazily from the registry.
+func lazyRead(ctx context.Context, t *testing.T, env *testenv.Env, cri crictl, ctrID, dir string) {
+	t.Helper()
+	before, err := env.DaemonStats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cri.try(ctx, "exec", ctrID, "sh", "-c", "find "+dir+" -type f -exec cat {} + >/dev/null"); err != nil {
+		t.Fatalf("%v\n%s", err, env.LogTail(30))
+	}
+	after, err := env.DaemonStats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fetched := after.Store.FetchedFiles - before.Store.FetchedFiles
+	t.Logf("reading every file under %s fetched %d files", dir, fetched)
+	if fetched == 0 {
+		t.Errorf("reading %s read nothing lazily: the credentials were not needed", dir)
+	}
 }

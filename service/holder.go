@@ -3,9 +3,11 @@ package service
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"syscall"
 
 	"github.com/containerd/log"
@@ -13,6 +15,8 @@ import (
 	"github.com/lazycas/lazycas/config"
 	"github.com/lazycas/lazycas/fs/fuse"
 	"github.com/lazycas/lazycas/fs/fuse/holder"
+	"github.com/lazycas/lazycas/service/cri"
+	"golang.org/x/sys/unix"
 )
 
 // HolderCommand is the daemon's command that runs the fuse holder.
@@ -47,15 +51,23 @@ func spawnHolder(ctx context.Context, cfg config.Config) error {
 	return nil
 }
 
+// keyringKey is the holder's entry for the CRI keyring: a memfd with
+// kubelet's pull credentials, handed from daemon to daemon in memory.
+const keyringKey = "cri-keyring"
+
 // takeHeld lists the mounts the holder kept from an earlier daemon, by
-// mountpoint.
-func takeHeld(ctx context.Context, c *holder.Client) (map[string]fuse.Held, error) {
+// mountpoint, and gives keys (when not nil) the credentials it kept.
+func takeHeld(ctx context.Context, c *holder.Client, keys *cri.Keyring) (map[string]fuse.Held, error) {
 	entries, err := c.Take()
 	if err != nil {
 		return nil, err
 	}
 	held := make(map[string]fuse.Held, len(entries))
 	for _, e := range entries {
+		if e.Key == keyringKey {
+			takeKeyring(ctx, c, keys, e.Fds)
+			continue
+		}
 		dir, err := fuse.HeldDir(e.Record)
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("key", e.Key).Warn("fuse holder kept a mount this daemon cannot read: dropping it")
@@ -71,4 +83,93 @@ func takeHeld(ctx context.Context, c *holder.Client) (map[string]fuse.Held, erro
 			Info("the fuse holder kept mounts of an earlier daemon: serving them on")
 	}
 	return held, nil
+}
+
+// takeKeyring imports the credentials an earlier daemon left with the
+// holder (nothing when this daemon serves no CRI image service: they are
+// forgotten) and keeps handing the keyring over from now on.
+func takeKeyring(ctx context.Context, c *holder.Client, keys *cri.Keyring, fds []int) {
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}()
+	if keys == nil {
+		return
+	}
+	if len(fds) != 1 {
+		log.G(ctx).WithField("fds", len(fds)).Warn("fuse holder kept credentials this daemon cannot read: images pulled before it need pulling again for lazy reads")
+		return
+	}
+	data, err := readMemfd(fds[0])
+	if err == nil {
+		var n int
+		if n, err = keys.Import(data); err == nil {
+			log.G(ctx).WithField("repositories", n).Info("took over the credentials of the last daemon's CRI pulls")
+		}
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("cannot take over the credentials of the last daemon's CRI pulls: images pulled before it need pulling again for lazy reads")
+	}
+}
+
+// keepKeyring hands keys to the holder after every change, so that the
+// next daemon (after a restart, an upgrade or a crash) reads lazy layers
+// with the credentials they were pulled with. The holder keeps them in a
+// memfd: memory, never a file.
+func keepKeyring(ctx context.Context, c *holder.Client, keys *cri.Keyring) {
+	var mu sync.Mutex // one hand-over at a time, each of the latest state
+	save := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if err := putKeyring(c, keys.Export()); err != nil {
+			log.G(ctx).WithError(err).Warn("cannot hand the CRI pulls' credentials to the fuse holder: after a restart, images need pulling again for lazy reads")
+		}
+	}
+	keys.OnChange(save)
+	save()
+}
+
+// readMemfd reads the whole of a sealed memfd. No os.File: its finalizer
+// would close an fd number the caller closes too.
+func readMemfd(fd int) ([]byte, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("stat memfd: %w", err)
+	}
+	if st.Size > 16<<20 {
+		return nil, fmt.Errorf("memfd of %d bytes is no keyring", st.Size)
+	}
+	data := make([]byte, st.Size)
+	for off := 0; off < len(data); {
+		n, err := unix.Pread(fd, data[off:], int64(off))
+		if err != nil {
+			return nil, fmt.Errorf("read memfd: %w", err)
+		}
+		if n == 0 {
+			return nil, io.ErrUnexpectedEOF
+		}
+		off += n
+	}
+	return data, nil
+}
+
+func putKeyring(c *holder.Client, data []byte) error {
+	fd, err := unix.MemfdCreate(keyringKey, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return fmt.Errorf("memfd: %w", err)
+	}
+	defer unix.Close(fd)
+	for off := 0; off < len(data); {
+		n, err := unix.Pwrite(fd, data[off:], int64(off))
+		if err != nil {
+			return fmt.Errorf("write memfd: %w", err)
+		}
+		off += n
+	}
+	// Nobody who gets the fd may change what the next daemon reads.
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SEAL|unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_WRITE); err != nil {
+		return fmt.Errorf("seal memfd: %w", err)
+	}
+	return c.Put(keyringKey, nil, fd)
 }

@@ -184,8 +184,11 @@ func openLazy(ctx context.Context, cfg config.Config) (_ *lazy, err error) {
 		}
 		fo.Keeper = l.holder
 		fo.HeldSince = time.Now().Add(-l.holder.Orphaned())
-		if fo.Held, err = takeHeld(ctx, l.holder); err != nil {
+		if fo.Held, err = takeHeld(ctx, l.holder, l.keys); err != nil {
 			log.G(ctx).WithError(err).Error("cannot take the mounts the fuse holder kept: they are mounted anew, and their readers get errors")
+		}
+		if l.keys != nil {
+			keepKeyring(ctx, l.holder, l.keys)
 		}
 	}
 	l.fs = lazyfs.New(meta, st, l.fetcher, fo)

@@ -169,7 +169,16 @@ func (e *Env) startDaemon(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		return e.pingDaemon(ctx)
+		if err := e.pingDaemon(ctx); err != nil {
+			return err
+		}
+		// The API listens just after the snapshots socket: tests read
+		// figures from it right after a (re)start.
+		c, err := net.DialTimeout("unix", e.APISocket(), time.Second)
+		if err != nil {
+			return fmt.Errorf("lazycas API: %w", err)
+		}
+		return c.Close()
 	})
 }
 

@@ -32,8 +32,9 @@ type Keyring struct {
 	ttl time.Duration
 	now func() time.Time
 
-	mu   sync.Mutex
-	keys map[repoKey]Credential
+	mu       sync.Mutex
+	keys     map[repoKey]Credential
+	onChange func()
 }
 
 type repoKey struct{ registry, repository string }
@@ -43,12 +44,13 @@ type Credential struct {
 	// Username and Secret are what containerd's authorizer takes: a user
 	// name and password, or an empty user name and an identity (refresh)
 	// token.
-	Username, Secret string
+	Username string `json:"username"`
+	Secret   string `json:"secret"`
 	// Server is the host the credentials name (kubelet's server_address);
 	// empty when they did not say.
-	Server string
+	Server string `json:"server,omitempty"`
 	// Expires is when the credentials stop serving.
-	Expires time.Time
+	Expires time.Time `json:"expires"`
 }
 
 // NewKeyring returns an empty keyring whose entries expire after ttl (or
@@ -81,14 +83,18 @@ func (k *Keyring) Put(image string, auth *runtime.AuthConfig) (undo func(), err 
 		cred.Expires = exp
 	}
 	k.mu.Lock()
-	defer k.mu.Unlock()
 	k.sweep(now)
 	prev, had := k.keys[key]
 	k.keys[key] = cred
+	changed := k.onChange
+	k.mu.Unlock()
+	if changed != nil {
+		changed()
+	}
 	return func() {
 		k.mu.Lock()
-		defer k.mu.Unlock()
 		if cur, ok := k.keys[key]; !ok || cur != cred {
+			k.mu.Unlock()
 			return // replaced since: the later pull's are newer
 		}
 		if had {
@@ -96,7 +102,76 @@ func (k *Keyring) Put(image string, auth *runtime.AuthConfig) (undo func(), err 
 		} else {
 			delete(k.keys, key)
 		}
+		changed := k.onChange
+		k.mu.Unlock()
+		if changed != nil {
+			changed()
+		}
 	}, nil
+}
+
+// OnChange has fn called after each change Put (or its undo) makes, e.g.
+// to hand the keyring to the next daemon (see Export).
+func (k *Keyring) OnChange(fn func()) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.onChange = fn
+}
+
+// exported is the keyring as Export writes it.
+type exported struct {
+	Version int             `json:"version"`
+	Entries []exportedEntry `json:"entries"`
+}
+
+type exportedEntry struct {
+	Registry   string     `json:"registry"`
+	Repository string     `json:"repository"`
+	Credential Credential `json:"credential"`
+}
+
+// exportVersion is the version of Export's format this build reads.
+const exportVersion = 1
+
+// Export returns the unexpired credentials, for the next daemon to Import:
+// kept in memory by the fuse holder (in a memfd), never on disk, so that
+// lazy layers mounted before a restart read on with their pull's
+// credentials.
+func (k *Keyring) Export() []byte {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.sweep(k.now())
+	out := exported{Version: exportVersion, Entries: make([]exportedEntry, 0, len(k.keys))}
+	for key, c := range k.keys {
+		out.Entries = append(out.Entries, exportedEntry{Registry: key.registry, Repository: key.repository, Credential: c})
+	}
+	b, _ := json.Marshal(out) // strings and times only: cannot fail
+	return b
+}
+
+// Import adds what an earlier daemon's Export wrote, except what expired
+// or what this keyring already has (a pull made since is newer), and
+// returns how many entries it added.
+func (k *Keyring) Import(data []byte) (int, error) {
+	var in exported
+	if err := json.Unmarshal(data, &in); err != nil {
+		return 0, fmt.Errorf("read credentials of the last daemon: %w", err)
+	}
+	if in.Version != exportVersion {
+		return 0, fmt.Errorf("credentials of the last daemon are version %d, this build reads %d", in.Version, exportVersion)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	now, n := k.now(), 0
+	for _, e := range in.Entries {
+		key := repoKey{e.Registry, e.Repository}
+		if _, ok := k.keys[key]; ok || !now.Before(e.Credential.Expires) {
+			continue
+		}
+		k.keys[key] = e.Credential
+		n++
+	}
+	return n, nil
 }
 
 // Credentials returns the credentials of repository in registry (as in a

@@ -235,3 +235,48 @@ func mustPut(t *testing.T, k *Keyring, image string, auth *runtime.AuthConfig) {
 		t.Fatalf("Put(%q): %v", image, err)
 	}
 }
+
+func TestKeyringHandover(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	old := NewKeyring(time.Hour)
+	old.now = func() time.Time { return now }
+	var changes int
+	old.OnChange(func() { changes++ })
+	mustPut(t, old, "registry.example/a", userPass("u", "pa"))
+	mustPut(t, old, "registry.example/b", userPass("u", "pb"))
+	undo, _ := old.Put("registry.example/c", userPass("u", "wrong"))
+	undo()
+	if changes != 4 {
+		t.Errorf("%d changes reported, want 4 (three puts, one undo)", changes)
+	}
+	data := old.Export()
+
+	now = now.Add(30 * time.Minute)
+	next := NewKeyring(time.Hour)
+	next.now = func() time.Time { return now }
+	// A pull made since the restart is newer than the handed-over one.
+	mustPut(t, next, "registry.example/b", userPass("u", "pb2"))
+	n, err := next.Import(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Errorf("imported %d entries, want 1", n)
+	}
+	for repo, want := range map[string]string{"a": "pa", "b": "pb2"} {
+		if _, secret, _ := next.Credentials("registry.example", "registry.example", repo); secret != want {
+			t.Errorf("%s: secret %q, want %q", repo, secret, want)
+		}
+	}
+	// The expiry travels: the handed-over entry does not live a new TTL.
+	now = now.Add(31 * time.Minute)
+	if _, _, ok := next.Credentials("registry.example", "registry.example", "a"); ok {
+		t.Error("handed-over credentials outlived their expiry")
+	}
+	if _, err := next.Import([]byte(`{"version":2,"entries":[]}`)); err == nil {
+		t.Error("a keyring of an unknown version was read")
+	}
+	if _, err := next.Import([]byte(`not json`)); err == nil {
+		t.Error("garbage was read as a keyring")
+	}
+}
