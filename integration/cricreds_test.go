@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -23,11 +24,21 @@ import (
 // authenticate with the credentials the proxy kept from the pull; and
 // those must appear in no log and no file of the daemon's.
 func TestCRIPullWithKubeletCredentials(t *testing.T) {
+	t.Run("containerd 1.6", func(t *testing.T) { testCRICredentials(t, false) })
+	t.Run("containerd 2.x", func(t *testing.T) { testCRICredentials(t, true) })
+}
+
+func testCRICredentials(t *testing.T, containerd2 bool) {
 	requireIntegration(t)
 	ctx := testContext(t)
 	bin, err := testenv.BuildCrictl(ctx, t.Logf)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if containerd2 {
+		if _, err := testenv.BuildContainerd2(ctx, t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
+			t.Skip(err)
+		}
 	}
 	// Unix socket paths must stay short: not under t.TempDir().
 	sockDir, err := os.MkdirTemp("", "cri")
@@ -43,7 +54,11 @@ func TestCRIPullWithKubeletCredentials(t *testing.T) {
 		// Nothing fetched ahead: every file the container reads is read
 		// lazily, after the pull, with the pull's credentials.
 		DaemonConfig: fmt.Sprintf("[fs]\nprefetch = false\nstartup_fetch = false\nbackground_fetch = false\nlearn = false\n\n[cri]\nimage_service_address = %q\n", proxySock),
+		Containerd2:  containerd2,
 		CRIConfig: func(e *testenv.Env) string {
+			if containerd2 {
+				return fmt.Sprintf(criConfig2, e.RegistryHost+"/pause:latest", hosts)
+			}
 			return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
 		},
 	})
@@ -57,7 +72,7 @@ func TestCRIPullWithKubeletCredentials(t *testing.T) {
 
 	if _, err := cri.try(ctx, "pull", ref); err == nil {
 		t.Fatal("crictl pull without credentials succeeded: the registry does not ask for them")
-	} else if !strings.Contains(strings.ToLower(err.Error()), "unauthorized") && !strings.Contains(err.Error(), "401") {
+	} else if msg := strings.ToLower(err.Error()); !strings.Contains(msg, "unauthorized") && !strings.Contains(msg, "authorization") {
 		t.Errorf("pull without credentials failed for another reason than authorization: %v", err)
 	}
 	// The sandbox image too is private: pulled ahead, as on a node whose
