@@ -166,6 +166,12 @@ type mounted struct {
 
 	blobMu sync.Mutex
 	blob   *remote.Blob
+
+	// Prefetch and background fetch progress (prefetch.go): the phase,
+	// what the current pass has still to fetch, and what they fetched.
+	bgPhase                        atomic.Int32
+	bgPendingFiles, bgPendingBytes atomic.Int64
+	bgFetchedFiles, bgFetchedBytes atomic.Int64
 }
 
 // Lazy returns nil when labels describe a layer f can mount: one whose
@@ -707,6 +713,29 @@ type Stats struct {
 	Handover    Handover     `json:"handover"`
 	Passthrough bool         `json:"passthrough"`
 	Images      []ImageStats `json:"images"`
+	// Layers are the mounted layers' fetch figures, one per layer
+	// digest (a layer mounted under two parents sums both mounts).
+	Layers []LayerStats `json:"layers"`
+	// Phases counts the mounted layers by the Phase of their prefetch
+	// and background fetch, indexed by Phase.
+	Phases [numPhases]int `json:"phases"`
+}
+
+// LayerStats is what a mounted layer's fetches did.
+type LayerStats struct {
+	Digest string `json:"digest"`
+	// Fetch counts the requests for the layer's blob (TOC, reads,
+	// prefetch) by outcome; zero until its first fetch after a restore.
+	Fetch remote.BlobStats `json:"fetch"`
+	// PendingFiles and PendingBytes are what the layer's current
+	// prefetch or background fetch pass has still to fetch: 0 when none
+	// runs.
+	PendingFiles int64 `json:"pendingFiles"`
+	PendingBytes int64 `json:"pendingBytes"`
+	// FetchedFiles and FetchedBytes are what its prefetch and background
+	// fetch put into the store.
+	FetchedFiles int64 `json:"fetchedFiles"`
+	FetchedBytes int64 `json:"fetchedBytes"`
 }
 
 // Handover is how a daemon took over the mounts the last one left.
@@ -754,10 +783,30 @@ func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
 	f.mu.Lock()
 	st.Mounted = len(f.layers)
 	st.Handover = f.handover()
+	byDigest := map[string]*LayerStats{}
 	for _, m := range f.layers {
 		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
+		st.Phases[m.bgPhase.Load()]++
+		l := byDigest[m.meta.Info.Digest]
+		if l == nil {
+			l = &LayerStats{Digest: m.meta.Info.Digest}
+			byDigest[l.Digest] = l
+		}
+		m.blobMu.Lock()
+		if m.blob != nil {
+			l.Fetch.Add(m.blob.Stats())
+		}
+		m.blobMu.Unlock()
+		l.PendingFiles += m.bgPendingFiles.Load()
+		l.PendingBytes += m.bgPendingBytes.Load()
+		l.FetchedFiles += m.bgFetchedFiles.Load()
+		l.FetchedBytes += m.bgFetchedBytes.Load()
 	}
 	f.mu.Unlock()
+	for _, l := range byDigest {
+		st.Layers = append(st.Layers, *l)
+	}
+	sort.Slice(st.Layers, func(i, j int) bool { return st.Layers[i].Digest < st.Layers[j].Digest })
 	infos, err := f.meta.Layers()
 	if err != nil {
 		return st, err

@@ -602,6 +602,35 @@ func TestPrefetch(t *testing.T) {
 						t.FailNow()
 					}
 					e.fetchDone("layer")
+					// What metrics show: the layer's phase, nothing left
+					// pending, what it fetched, its requests by outcome.
+					st, err := e.fs.Stats(e.ctx)
+					if err != nil {
+						t.Fatal(err)
+					}
+					wantPhase, wantFiles := PhaseDone, int64(0)
+					switch {
+					case tc.other:
+						wantFiles = 42 // every non-empty file
+					case tc.prioritized:
+						wantFiles = int64(len(prioritized))
+					default:
+						wantPhase = PhaseOff
+					}
+					if st.Phases[wantPhase] != 1 {
+						t.Errorf("layers by phase %v, want the layer %s", st.Phases, wantPhase)
+					}
+					if len(st.Layers) != 1 || st.Layers[0].Digest != blob.Digest.String() {
+						t.Fatalf("layer stats %+v, want one of layer %s", st.Layers, blob.Digest)
+					}
+					l := st.Layers[0]
+					if l.PendingFiles != 0 || l.PendingBytes != 0 || l.FetchedFiles != wantFiles {
+						t.Errorf("background fetch: %d files (%d bytes) pending, %d fetched; want 0, 0, %d",
+							l.PendingFiles, l.PendingBytes, l.FetchedFiles, wantFiles)
+					}
+					if l.Fetch.Requests[remote.OutcomeOK] == 0 || l.Fetch.Requests[remote.OutcomeError] != 0 {
+						t.Errorf("layer requests by outcome %v, want some ok and no error", l.Fetch.Requests)
+					}
 					if fetched := e.reg.Counts(blob.Digest).Bytes - afterMount.Bytes; fetched > int64(len(blob.Data)) {
 						t.Errorf("fetching the layer's files took %d bytes of a %d-byte blob", fetched, len(blob.Data))
 					}
