@@ -14,11 +14,13 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -191,8 +193,77 @@ func (f *FileSystem) Lazy(labels map[string]string) error {
 }
 
 // Mount fetches and checks the TOC of the layer the labels name, records
-// it under key and serves it on mountpoint.
+// it under key and serves it on mountpoint. Its errors are
+// *snapshot.NotLazyError, whose reason and detail say why the layer is
+// not lazy and what would make it so.
 func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels map[string]string) error {
+	var w where
+	err := f.mount(ctx, key, mountpoint, labels, &w)
+	if err == nil {
+		return nil
+	}
+	return notLazy(err, w)
+}
+
+// where is which image and layer a mount is of, as far as it got.
+type where struct {
+	ref   string
+	layer digest.Digest
+	found bool // learnt from containerd's content store, not from labels
+}
+
+// errNotFound is a layer whose image the Finder could not find.
+type errNotFound struct{ err error }
+
+func (e errNotFound) Error() string { return e.err.Error() }
+func (e errNotFound) Unwrap() error { return e.err }
+
+// notLazy classifies a mount's failure for the snapshotter's metric, log
+// and `lazycas image pull`, and says what would make the layer lazy.
+func notLazy(err error, w where) error {
+	nl := &snapshot.NotLazyError{Reason: snapshot.ReasonMountFailed, Layer: w.layer.String(), Image: w.ref, Err: err}
+	if _, ok := errors.AsType[errNotFound](err); ok {
+		nl.Reason = snapshot.ReasonNoImage
+		nl.Detail = "the pull sent no image labels and its image was not found in containerd (" + err.Error() +
+			"): pull with `lazycas image pull`, CRI (disable_snapshot_annotations = false) or nerdctl, which send them"
+		return nl
+	}
+	switch {
+	case errors.Is(err, layer.ErrTOCMismatch):
+		nl.Reason = snapshot.ReasonTOCMismatch
+		nl.Detail = "the layer's TOC is not the one its manifest pins (" + err.Error() +
+			"): the blob was changed after conversion, or the registry serves another; convert the image again with `lazycas image convert`"
+	case errors.Is(err, layer.ErrNotLazy):
+		nl.Reason = snapshot.ReasonNotLazyFormat
+		nl.Detail = "the manifest pins a TOC but the blob has none (" + err.Error() +
+			"): convert the image again with `lazycas image convert`"
+	case remote.Unreachable(err):
+		nl.Reason = snapshot.ReasonUnreachable
+		nl.Detail = "the registry could not be reached (" + err.Error() + "): check the network, the registry and its hosts.toml"
+		if w.found {
+			if host := hostOf(w.ref); !strings.Contains(host, ":") {
+				// containerd's distribution-source label drops a port.
+				nl.Detail += "; this pull sent no image labels, so the registry host " + host +
+					" came from containerd's content labels, which drop a port: if the registry listens on one, add a hosts.toml for the bare host " +
+					host + " naming it, or pull with `lazycas image pull` or CRI, which send the full reference"
+			}
+		}
+	default:
+		nl.Detail = "mounting it lazily failed: " + err.Error() + " (fix what the error names; the layer is lazy at its next pull)"
+	}
+	return nl
+}
+
+// hostOf returns the registry host of ref, "" if it does not parse.
+func hostOf(ref string) string {
+	spec, err := reference.Parse(ref)
+	if err != nil {
+		return ""
+	}
+	return spec.Hostname()
+}
+
+func (f *FileSystem) mount(ctx context.Context, key, mountpoint string, labels map[string]string, w *where) error {
 	pin, ok := layer.PinFromAnnotations(labels)
 	if !ok {
 		return errors.New("layer has no TOC digest annotation")
@@ -202,14 +273,16 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	manifest := digest.Digest(labels[snapshot.LabelManifestDigest])
 	if ref == "" || desc.Digest == "" {
 		if f.opts.Finder == nil {
-			return errors.New("labels name no image and layer")
+			return errNotFound{errors.New("labels name no image and layer")}
 		}
 		var err error
 		if ref, desc, manifest, err = f.opts.Finder.FindLayer(ctx, labels); err != nil {
-			return fmt.Errorf("labels name no image and layer: %w", err)
+			return errNotFound{fmt.Errorf("labels name no image and layer: %w", err)}
 		}
+		w.found = true
 		log.G(ctx).WithFields(log.Fields{"ref": ref, "layer": desc.Digest}).Debug("found the layer's image in containerd")
 	}
+	w.ref, w.layer = ref, desc.Digest
 	dgst := desc.Digest
 	if err := dgst.Validate(); err != nil {
 		return fmt.Errorf("layer digest %q: %w", dgst, err)

@@ -43,7 +43,7 @@ func (c unpackedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descUnpa
 
 func (c unpackedCollector) Collect(ch chan<- prometheus.Metric) {
 	counts := c.sn.UnpackedCounts()
-	for _, r := range []string{snapshot.ReasonLazyOff, snapshot.ReasonNotLazyFormat, snapshot.ReasonNoImage, snapshot.ReasonMountFailed} {
+	for _, r := range snapshot.Reasons() {
 		ch <- prometheus.MustNewConstMetric(descUnpacked, prometheus.CounterValue, float64(counts[r]), r)
 	}
 }

@@ -41,8 +41,11 @@ type layerResult struct {
 	ChainID   string `json:"chainID"`
 	// Mode is "lazy" (mounted from the registry) or "unpacked".
 	Mode string `json:"mode"`
-	// Why, for an unpacked layer, is what the daemon said of it.
-	Why string `json:"why,omitempty"`
+	// Why, for an unpacked layer, is what the daemon said of it, and
+	// Reason its class: the reason label of the daemon's
+	// lazycas_layers_unpacked_total and of GET /v1/layers/unpacked.
+	Why    string `json:"why,omitempty"`
+	Reason string `json:"reason,omitempty"`
 	// DiskUsage is what the snapshot holds on the node's disk.
 	DiskUsage int64 `json:"diskUsage"`
 }
@@ -171,13 +174,14 @@ func explainUnpacked(ctx context.Context, apiAddress string, res *pullResult) {
 	if err := newAPIClient(apiAddress).call(ctx, http.MethodGet, service.APIUnpacked, nil, &unpacked); err != nil {
 		return
 	}
-	why := map[string]string{}
+	why := map[string]snapshot.Unpacked{}
 	for _, u := range unpacked {
-		why[u.ChainID] = u.Detail
+		why[u.ChainID] = u
 	}
 	for i := range res.Layers {
 		if res.Layers[i].Mode == "unpacked" {
-			res.Layers[i].Why = why[res.Layers[i].ChainID]
+			u := why[res.Layers[i].ChainID]
+			res.Layers[i].Why, res.Layers[i].Reason = u.Detail, u.Reason
 		}
 	}
 }
@@ -192,7 +196,7 @@ func printPull(w io.Writer, res pullResult) {
 	tw.Flush()
 	for _, l := range res.Layers {
 		if l.Why != "" {
-			fmt.Fprintf(w, "  %s unpacked: %s\n", shortDigest(l.Digest), l.Why)
+			fmt.Fprintf(w, "  %s unpacked (%s): %s\n", shortDigest(l.Digest), l.Reason, l.Why)
 		}
 	}
 }
