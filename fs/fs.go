@@ -790,8 +790,8 @@ type Stats struct {
 	// digest (a layer mounted under two parents sums both mounts).
 	Layers []LayerStats `json:"layers"`
 	// Phases counts the mounted layers by the Phase of their prefetch
-	// and background fetch, indexed by Phase.
-	Phases [numPhases]int `json:"phases"`
+	// and background fetch, by Phase.String().
+	Phases map[string]int `json:"phases"`
 }
 
 // LayerStats is what a mounted layer's fetches did.
@@ -857,9 +857,10 @@ func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
 	st.Mounted = len(f.layers)
 	st.Handover = f.handover()
 	byDigest := map[string]*LayerStats{}
+	st.Phases = map[string]int{}
 	for _, m := range f.layers {
 		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
-		st.Phases[m.bgPhase.Load()]++
+		st.Phases[Phase(m.bgPhase.Load()).String()]++
 		l := byDigest[m.meta.Info.Digest]
 		if l == nil {
 			l = &LayerStats{Digest: m.meta.Info.Digest}

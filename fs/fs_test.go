@@ -618,7 +618,7 @@ func TestPrefetch(t *testing.T) {
 					default:
 						wantPhase = PhaseOff
 					}
-					if st.Phases[wantPhase] != 1 {
+					if st.Phases[wantPhase.String()] != 1 {
 						t.Errorf("layers by phase %v, want the layer %s", st.Phases, wantPhase)
 					}
 					if len(st.Layers) != 1 || st.Layers[0].Digest != blob.Digest.String() {

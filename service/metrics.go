@@ -169,7 +169,7 @@ func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descBgBytes, float64(l.FetchedBytes), l.Digest)
 	}
 	for _, p := range lazyfs.Phases() {
-		gauge(descBgLayers, float64(st.Phases[p]), p.String())
+		gauge(descBgLayers, float64(st.Phases[p.String()]), p.String())
 	}
 	counter(descGCRuns, float64(st.Store.GCRuns))
 	counter(descGCRemoved, float64(st.Store.GCRemoved))
