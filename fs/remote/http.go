@@ -135,7 +135,7 @@ func (b *Blob) run(ctx context.Context, what string, attempt func(ctx context.Co
 	var errs hostErrors
 	for i, host := range order {
 		last := i == len(order)-1
-		wasted, err := b.retry(ctx, host, last, what, attempt)
+		failed, err := b.retry(ctx, host, last, what, attempt)
 		if err == nil {
 			b.mu.Lock()
 			if b.loc.host != host {
@@ -146,20 +146,25 @@ func (b *Blob) run(ctx context.Context, what string, attempt func(ctx context.Co
 		}
 		// retry left the outcome of a failed last attempt to this loop,
 		// which knows whether another host, or the caller, asks again.
+		count := func(o Outcome) {
+			if failed != nil {
+				b.counts.add(o, failed.bytes)
+			}
+		}
 		if ctx.Err() != nil {
-			b.counts.add(OutcomeCanceled, wasted)
+			count(OutcomeCanceled)
 			return context.Cause(ctx)
 		}
-		if errors.Is(err, errNoMultiRange) || errors.Is(err, errNoSuffixRange) {
-			// Asked again range by range, or size first: not a failure.
-			b.counts.add(OutcomeRetried, wasted)
-			if errors.Is(err, errNoMultiRange) {
-				return err
-			}
-		} else if last {
-			b.counts.add(OutcomeError, wasted)
-		} else {
-			b.counts.add(OutcomeRetried, wasted)
+		switch {
+		case errors.Is(err, errNoMultiRange):
+			// Asked again range by range: not a failure.
+			count(OutcomeRetried)
+			return err
+		case errors.Is(err, errNoSuffixRange) || !last:
+			// Asked again size first, or of the next host.
+			count(OutcomeRetried)
+		default:
+			count(OutcomeError)
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", b.hosts[host].Host, err))
 		if !last {
@@ -174,11 +179,16 @@ func (b *Blob) run(ctx context.Context, what string, attempt func(ctx context.Co
 	return errs
 }
 
+// failedAttempt is an attempt whose outcome retry left to its caller to
+// count, and the body bytes it read.
+type failedAttempt struct{ bytes int64 }
+
 // retry calls attempt on one host with a RequestTimeout each time, and
 // retries transient failures with exponential backoff and jitter. It
-// counts the outcome of every attempt but a failed last one, whose body
-// bytes it returns with the error for run to count.
-func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, attempt func(ctx context.Context, host int) error) (int64, error) {
+// counts the outcome of every attempt but a failed last one, which it
+// returns with the error for run to count (nil when there is none: the
+// caller gave up during a backoff).
+func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, attempt func(ctx context.Context, host int) error) (*failedAttempt, error) {
 	timeout := b.f.opts.RequestTimeout
 	delay := b.f.opts.RetryBackoff
 	for n := 0; ; n++ {
@@ -191,16 +201,16 @@ func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, 
 		if err == nil {
 			b.counts.add(OutcomeOK, got.Load())
 			b.f.attempts.observe(time.Since(start))
-			return 0, nil
+			return nil, nil
 		}
 		if ctx.Err() != nil {
-			return got.Load(), context.Cause(ctx)
+			return &failedAttempt{got.Load()}, context.Cause(ctx)
 		}
 		if timedOut {
 			err = fmt.Errorf("%w after %v: %w", errRequestTimeout, timeout, err)
 		}
 		if n >= b.f.opts.Retries || !retryable(err, lastHost) {
-			return got.Load(), err
+			return &failedAttempt{got.Load()}, err
 		}
 		b.counts.add(OutcomeRetried, got.Load())
 		b.f.retries.Add(1)
@@ -214,7 +224,7 @@ func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, 
 			t.Stop()
 			// The failed attempt was counted as retried: nothing more
 			// to count.
-			return 0, context.Cause(ctx)
+			return nil, context.Cause(ctx)
 		case <-t.C:
 		}
 		delay = min(2*delay, maxBackoff)
@@ -380,10 +390,10 @@ func (b *Blob) do(ctx context.Context, h docker.RegistryHost, method, u, ranges 
 		}
 		return nil, fmt.Errorf("%s %s: %w", method, redact(req.URL), err)
 	}
-	// A redirect's answer comes from elsewhere (storage): only the
-	// registry's own answers measure the path to it.
 	waited := time.Since(sent)
 	b.f.headers.observe(waited)
+	// A redirect's answer comes from elsewhere (storage): only the
+	// registry's own answers measure the path to it.
 	if resp.Request.Response == nil {
 		meter.answered(waited)
 	}

@@ -3,8 +3,13 @@ package remote
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"testing"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
 
 	"github.com/lazycas/lazycas/service/resolver"
 )
@@ -72,6 +77,34 @@ func TestBlobCountsAttemptsByOutcome(t *testing.T) {
 		})
 	}
 
+	t.Run("a caller giving up during a backoff counts the failed attempt once", func(t *testing.T) {
+		checkLeaks(t)
+		reg := newTestRegistry(t, 1<<20)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		// retry logs the failure after counting it and before backing
+		// off: the caller gives up right then.
+		logger := logrus.New()
+		logger.SetOutput(io.Discard)
+		logger.SetLevel(logrus.DebugLevel)
+		logger.AddHook(hookFunc(func(e *logrus.Entry) {
+			if e.Message == "registry request failed, retrying" {
+				cancel()
+			}
+		}))
+		ctx = log.WithLogger(ctx, logrus.NewEntry(logger))
+		srv := newFaulty(t, reg.handler, status(http.StatusServiceUnavailable))
+		opts := testOptions(t, resolver.Options{})
+		opts.RetryBackoff = time.Minute
+		_, b := openBlob(t, reg, serve(t, srv), opts)
+		if err := b.ReadRanges(ctx, ranges(0, 0, 1, 10)); !errors.Is(err, context.Canceled) {
+			t.Fatalf("got %v, want canceled", err)
+		}
+		if got := b.Stats().Requests; got != [numOutcomes]int64{OutcomeRetried: 1} {
+			t.Errorf("requests by outcome %v, want the one attempt, retried", got)
+		}
+	})
+
 	t.Run("an attempt its caller gave up on is canceled", func(t *testing.T) {
 		checkLeaks(t)
 		reg := newTestRegistry(t, 1<<20)
@@ -125,3 +158,9 @@ func TestUnreachable(t *testing.T) {
 		})
 	}
 }
+
+// hookFunc is a logrus hook calling itself on every entry.
+type hookFunc func(*logrus.Entry)
+
+func (hookFunc) Levels() []logrus.Level       { return logrus.AllLevels }
+func (h hookFunc) Fire(e *logrus.Entry) error { h(e); return nil }
