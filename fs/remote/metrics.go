@@ -2,6 +2,7 @@ package remote
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"sync/atomic"
@@ -46,6 +47,35 @@ func Outcomes() []Outcome { return []Outcome{OutcomeOK, OutcomeRetried, OutcomeE
 type BlobStats struct {
 	Requests [numOutcomes]int64
 	Bytes    [numOutcomes]int64
+}
+
+// blobStatsJSON is BlobStats in JSON, by outcome name.
+type blobStatsJSON struct {
+	Requests map[string]int64 `json:"requests"`
+	Bytes    map[string]int64 `json:"bytes"`
+}
+
+// MarshalJSON writes the counts by outcome name, not position.
+func (s BlobStats) MarshalJSON() ([]byte, error) {
+	j := blobStatsJSON{Requests: map[string]int64{}, Bytes: map[string]int64{}}
+	for _, o := range Outcomes() {
+		j.Requests[o.String()], j.Bytes[o.String()] = s.Requests[o], s.Bytes[o]
+	}
+	return json.Marshal(j)
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote; unknown outcomes are
+// ignored.
+func (s *BlobStats) UnmarshalJSON(data []byte) error {
+	var j blobStatsJSON
+	if err := json.Unmarshal(data, &j); err != nil {
+		return err
+	}
+	*s = BlobStats{}
+	for _, o := range Outcomes() {
+		s.Requests[o], s.Bytes[o] = j.Requests[o.String()], j.Bytes[o.String()]
+	}
+	return nil
 }
 
 // Add adds o's counts to s.

@@ -2,9 +2,11 @@ package remote
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -164,3 +166,19 @@ type hookFunc func(*logrus.Entry)
 
 func (hookFunc) Levels() []logrus.Level       { return logrus.AllLevels }
 func (h hookFunc) Fire(e *logrus.Entry) error { h(e); return nil }
+
+func TestBlobStatsJSONNamesOutcomes(t *testing.T) {
+	in := BlobStats{}
+	in.Requests[OutcomeOK], in.Requests[OutcomeRetried], in.Bytes[OutcomeOK] = 3, 1, 4096
+	data, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `"requests":{"canceled":0,"error":0,"ok":3,"retried":1}`; !strings.Contains(string(data), want) {
+		t.Errorf("JSON %s lacks %s", data, want)
+	}
+	var out BlobStats
+	if err := json.Unmarshal(data, &out); err != nil || out != in {
+		t.Errorf("round trip: %+v, %v; want %+v", out, err, in)
+	}
+}
