@@ -106,6 +106,16 @@ func storeStats(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fmt.Fprintf(tw, "dedup ratio\t%.2f\n", s.DedupRatio())
 	fmt.Fprintf(tw, "fetched since start\t%d files, %s of content; %s over %d requests (%d retried)\n",
 		s.FetchedFiles, size(s.FetchedBytes), size(st.Fetch.BytesFetched), st.Fetch.Requests, st.Fetch.Retries)
+	if s.GCRuns > 0 {
+		fmt.Fprintf(tw, "collected since start\t%d times: %d objects, %s removed\n", s.GCRuns, s.GCRemoved, size(s.GCFreed))
+	}
+	var pendingFiles, pendingBytes int64
+	for _, l := range st.Layers {
+		pendingFiles, pendingBytes = pendingFiles+l.PendingFiles, pendingBytes+l.PendingBytes
+	}
+	if busy := st.Phases[lazyfs.PhasePrefetch.String()] + st.Phases[lazyfs.PhaseWaiting.String()] + st.Phases[lazyfs.PhaseFetching.String()]; busy > 0 {
+		fmt.Fprintf(tw, "background fetch\t%d layers fetching or about to; %d files (%s) pending in their current passes\n", busy, pendingFiles, size(pendingBytes))
+	}
 	if h := st.Handover; h.Resumed > 0 || h.Failed > 0 {
 		fmt.Fprintf(tw, "taken over at start	%d layers still mounted by the last daemon (%d could not be, mounted anew); their reads waited at most %s; %d requests it left unanswered answered\n",
 			h.Resumed, h.Failed, h.Waited.Round(time.Millisecond), h.Resent)
