@@ -38,6 +38,10 @@ func TestPullSaysWhyALayerIsNotLazy(t *testing.T) {
 		if l.Mode != "unpacked" || !strings.Contains(l.Why, "no TOC digest annotation") || !strings.Contains(l.Why, "lazycas image convert") {
 			t.Errorf("layer %s: mode %q, why %q; want unpacked, with the missing TOC and the fix", l.Digest, l.Mode, l.Why)
 		}
+		// The reason label of lazycas_layers_unpacked_total and of the API.
+		if l.Reason != snapshot.ReasonNotLazyFormat {
+			t.Errorf("layer %s: reason %q, want %s", l.Digest, l.Reason, snapshot.ReasonNotLazyFormat)
+		}
 	}
 	t.Logf("lazycas image pull says: %s", res.Layers[0].Why)
 }
