@@ -247,7 +247,7 @@ func Load(path string, mustExist bool) (Config, error) {
 		if errors.Is(err, os.ErrNotExist) && !mustExist {
 			return Default(), nil
 		}
-		return Config{}, fmt.Errorf("read config: %w", err)
+		return Config{}, fmt.Errorf("read config: %w (pass an existing file to --config, or no --config for the defaults)", err)
 	}
 	cfg, err := Parse(data)
 	if err != nil {

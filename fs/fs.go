@@ -14,11 +14,13 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -166,6 +168,12 @@ type mounted struct {
 
 	blobMu sync.Mutex
 	blob   *remote.Blob
+
+	// Prefetch and background fetch progress (prefetch.go): the phase,
+	// what the current pass has still to fetch, and what they fetched.
+	bgPhase                        atomic.Int32
+	bgPendingFiles, bgPendingBytes atomic.Int64
+	bgFetchedFiles, bgFetchedBytes atomic.Int64
 }
 
 // Lazy returns nil when labels describe a layer f can mount: one whose
@@ -185,8 +193,77 @@ func (f *FileSystem) Lazy(labels map[string]string) error {
 }
 
 // Mount fetches and checks the TOC of the layer the labels name, records
-// it under key and serves it on mountpoint.
+// it under key and serves it on mountpoint. Its errors are
+// *snapshot.NotLazyError, whose reason and detail say why the layer is
+// not lazy and what would make it so.
 func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels map[string]string) error {
+	var w where
+	err := f.mount(ctx, key, mountpoint, labels, &w)
+	if err == nil {
+		return nil
+	}
+	return notLazy(err, w)
+}
+
+// where is which image and layer a mount is of, as far as it got.
+type where struct {
+	ref   string
+	layer digest.Digest
+	found bool // learnt from containerd's content store, not from labels
+}
+
+// errNotFound is a layer whose image the Finder could not find.
+type errNotFound struct{ err error }
+
+func (e errNotFound) Error() string { return e.err.Error() }
+func (e errNotFound) Unwrap() error { return e.err }
+
+// notLazy classifies a mount's failure for the snapshotter's metric, log
+// and `lazycas image pull`, and says what would make the layer lazy.
+func notLazy(err error, w where) error {
+	nl := &snapshot.NotLazyError{Reason: snapshot.ReasonMountFailed, Layer: w.layer.String(), Image: w.ref, Err: err}
+	if _, ok := errors.AsType[errNotFound](err); ok {
+		nl.Reason = snapshot.ReasonNoImage
+		nl.Detail = "the pull sent no image labels and its image was not found in containerd (" + err.Error() +
+			"): pull with `lazycas image pull`, CRI (disable_snapshot_annotations = false) or nerdctl, which send them"
+		return nl
+	}
+	switch {
+	case errors.Is(err, layer.ErrTOCMismatch):
+		nl.Reason = snapshot.ReasonTOCMismatch
+		nl.Detail = "the layer's TOC is not the one its manifest pins (" + err.Error() +
+			"): the blob was changed after conversion, or the registry serves another; convert the image again with `lazycas image convert`"
+	case errors.Is(err, layer.ErrNotLazy):
+		nl.Reason = snapshot.ReasonNotLazyFormat
+		nl.Detail = "the manifest pins a TOC but the blob has none (" + err.Error() +
+			"): convert the image again with `lazycas image convert`"
+	case remote.Unreachable(err):
+		nl.Reason = snapshot.ReasonUnreachable
+		nl.Detail = "the registry could not be reached (" + err.Error() + "): check the network, the registry and its hosts.toml"
+		if w.found {
+			if host := hostOf(w.ref); !strings.Contains(host, ":") {
+				// containerd's distribution-source label drops a port.
+				nl.Detail += "; this pull sent no image labels, so the registry host " + host +
+					" came from containerd's content labels, which drop a port: if the registry listens on one, add a hosts.toml for the bare host " +
+					host + " naming it, or pull with `lazycas image pull` or CRI, which send the full reference"
+			}
+		}
+	default:
+		nl.Detail = "mounting it lazily failed: " + err.Error() + " (fix what the error names; the layer is lazy at its next pull)"
+	}
+	return nl
+}
+
+// hostOf returns the registry host of ref, "" if it does not parse.
+func hostOf(ref string) string {
+	spec, err := reference.Parse(ref)
+	if err != nil {
+		return ""
+	}
+	return spec.Hostname()
+}
+
+func (f *FileSystem) mount(ctx context.Context, key, mountpoint string, labels map[string]string, w *where) error {
 	pin, ok := layer.PinFromAnnotations(labels)
 	if !ok {
 		return errors.New("layer has no TOC digest annotation")
@@ -196,14 +273,16 @@ func (f *FileSystem) Mount(ctx context.Context, key, mountpoint string, labels m
 	manifest := digest.Digest(labels[snapshot.LabelManifestDigest])
 	if ref == "" || desc.Digest == "" {
 		if f.opts.Finder == nil {
-			return errors.New("labels name no image and layer")
+			return errNotFound{errors.New("labels name no image and layer")}
 		}
 		var err error
 		if ref, desc, manifest, err = f.opts.Finder.FindLayer(ctx, labels); err != nil {
-			return fmt.Errorf("labels name no image and layer: %w", err)
+			return errNotFound{fmt.Errorf("labels name no image and layer: %w", err)}
 		}
+		w.found = true
 		log.G(ctx).WithFields(log.Fields{"ref": ref, "layer": desc.Digest}).Debug("found the layer's image in containerd")
 	}
+	w.ref, w.layer = ref, desc.Digest
 	dgst := desc.Digest
 	if err := dgst.Validate(); err != nil {
 		return fmt.Errorf("layer digest %q: %w", dgst, err)
@@ -707,6 +786,29 @@ type Stats struct {
 	Handover    Handover     `json:"handover"`
 	Passthrough bool         `json:"passthrough"`
 	Images      []ImageStats `json:"images"`
+	// Layers are the mounted layers' fetch figures, one per layer
+	// digest (a layer mounted under two parents sums both mounts).
+	Layers []LayerStats `json:"layers"`
+	// Phases counts the mounted layers by the Phase of their prefetch
+	// and background fetch, by Phase.String().
+	Phases map[string]int `json:"phases"`
+}
+
+// LayerStats is what a mounted layer's fetches did.
+type LayerStats struct {
+	Digest string `json:"digest"`
+	// Fetch counts the requests for the layer's blob (TOC, reads,
+	// prefetch) by outcome; zero until its first fetch after a restore.
+	Fetch remote.BlobStats `json:"fetch"`
+	// PendingFiles and PendingBytes are what the layer's current
+	// prefetch or background fetch pass has still to fetch: 0 when none
+	// runs.
+	PendingFiles int64 `json:"pendingFiles"`
+	PendingBytes int64 `json:"pendingBytes"`
+	// FetchedFiles and FetchedBytes are what its prefetch and background
+	// fetch put into the store.
+	FetchedFiles int64 `json:"fetchedFiles"`
+	FetchedBytes int64 `json:"fetchedBytes"`
 }
 
 // Handover is how a daemon took over the mounts the last one left.
@@ -754,10 +856,31 @@ func (f *FileSystem) Stats(ctx context.Context) (Stats, error) {
 	f.mu.Lock()
 	st.Mounted = len(f.layers)
 	st.Handover = f.handover()
+	byDigest := map[string]*LayerStats{}
+	st.Phases = map[string]int{}
 	for _, m := range f.layers {
 		st.Passthrough = st.Passthrough || m.fuse.Passthrough()
+		st.Phases[Phase(m.bgPhase.Load()).String()]++
+		l := byDigest[m.meta.Info.Digest]
+		if l == nil {
+			l = &LayerStats{Digest: m.meta.Info.Digest}
+			byDigest[l.Digest] = l
+		}
+		m.blobMu.Lock()
+		if m.blob != nil {
+			l.Fetch.Add(m.blob.Stats())
+		}
+		m.blobMu.Unlock()
+		l.PendingFiles += m.bgPendingFiles.Load()
+		l.PendingBytes += m.bgPendingBytes.Load()
+		l.FetchedFiles += m.bgFetchedFiles.Load()
+		l.FetchedBytes += m.bgFetchedBytes.Load()
 	}
 	f.mu.Unlock()
+	for _, l := range byDigest {
+		st.Layers = append(st.Layers, *l)
+	}
+	sort.Slice(st.Layers, func(i, j int) bool { return st.Layers[i].Digest < st.Layers[j].Digest })
 	infos, err := f.meta.Layers()
 	if err != nil {
 		return st, err

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -602,6 +603,35 @@ func TestPrefetch(t *testing.T) {
 						t.FailNow()
 					}
 					e.fetchDone("layer")
+					// What metrics show: the layer's phase, nothing left
+					// pending, what it fetched, its requests by outcome.
+					st, err := e.fs.Stats(e.ctx)
+					if err != nil {
+						t.Fatal(err)
+					}
+					wantPhase, wantFiles := PhaseDone, int64(0)
+					switch {
+					case tc.other:
+						wantFiles = 42 // every non-empty file
+					case tc.prioritized:
+						wantFiles = int64(len(prioritized))
+					default:
+						wantPhase = PhaseOff
+					}
+					if st.Phases[wantPhase.String()] != 1 {
+						t.Errorf("layers by phase %v, want the layer %s", st.Phases, wantPhase)
+					}
+					if len(st.Layers) != 1 || st.Layers[0].Digest != blob.Digest.String() {
+						t.Fatalf("layer stats %+v, want one of layer %s", st.Layers, blob.Digest)
+					}
+					l := st.Layers[0]
+					if l.PendingFiles != 0 || l.PendingBytes != 0 || l.FetchedFiles != wantFiles {
+						t.Errorf("background fetch: %d files (%d bytes) pending, %d fetched; want 0, 0, %d",
+							l.PendingFiles, l.PendingBytes, l.FetchedFiles, wantFiles)
+					}
+					if l.Fetch.Requests[remote.OutcomeOK] == 0 || l.Fetch.Requests[remote.OutcomeError] != 0 {
+						t.Errorf("layer requests by outcome %v, want some ok and no error", l.Fetch.Requests)
+					}
 					if fetched := e.reg.Counts(blob.Digest).Bytes - afterMount.Bytes; fetched > int64(len(blob.Data)) {
 						t.Errorf("fetching the layer's files took %d bytes of a %d-byte blob", fetched, len(blob.Data))
 					}
@@ -827,18 +857,30 @@ func TestMountRefusesAndLeavesNothing(t *testing.T) {
 		change(l)
 		return l
 	}
+	// A registry that refuses connections: a port nothing listens on.
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadRef := dead.Addr().String() + "/library/python:lazy"
+	dead.Close()
 	for _, tc := range []struct {
 		name   string
 		labels map[string]string
 		want   []string // in the error
+		reason string   // the error's NotLazyError reason, for metrics and `lazycas image pull`
 	}{
 		{"a TOC digest that does not match", with(good, func(l map[string]string) { l[snapshot.LabelTOCDigest] = other.String() }),
-			[]string{"TOC hashes to " + good.TOCDigest.String(), other.String()}},
-		{"no TOC digest", with(good, func(l map[string]string) { delete(l, snapshot.LabelTOCDigest) }), []string{"TOC digest"}},
-		{"an invalid TOC digest", with(good, func(l map[string]string) { l[snapshot.LabelTOCDigest] = "sha256:1234" }), []string{"sha256:1234"}},
-		{"a blob the registry does not have", with(good, func(l map[string]string) { l[snapshot.LabelLayerDigest] = other.String() }), []string{other.String()}},
-		{"an image reference that does not parse", with(good, func(l map[string]string) { l[snapshot.LabelImageRef] = "UPPER CASE" }), []string{"UPPER CASE"}},
-		{"a layer that is not lazy", e.reg.Labels(plain), []string{layer.ErrNotLazy.Error()}},
+			[]string{"TOC hashes to " + good.TOCDigest.String(), other.String(), "lazycas image convert"}, snapshot.ReasonTOCMismatch},
+		{"no TOC digest", with(good, func(l map[string]string) { delete(l, snapshot.LabelTOCDigest) }), []string{"TOC digest"}, snapshot.ReasonMountFailed},
+		{"an invalid TOC digest", with(good, func(l map[string]string) { l[snapshot.LabelTOCDigest] = "sha256:1234" }), []string{"sha256:1234"}, snapshot.ReasonMountFailed},
+		{"a blob the registry does not have", with(good, func(l map[string]string) { l[snapshot.LabelLayerDigest] = other.String() }), []string{other.String()}, snapshot.ReasonMountFailed},
+		{"an image reference that does not parse", with(good, func(l map[string]string) { l[snapshot.LabelImageRef] = "UPPER CASE" }), []string{"UPPER CASE"}, snapshot.ReasonMountFailed},
+		{"a layer that is not lazy", e.reg.Labels(plain), []string{layer.ErrNotLazy.Error(), "lazycas image convert"}, snapshot.ReasonNotLazyFormat},
+		{"a registry that refuses connections", with(good, func(l map[string]string) { l[snapshot.LabelImageRef] = deadRef }),
+			[]string{"connection refused", "hosts.toml"}, snapshot.ReasonUnreachable},
+		{"no image labels and nothing to find the image in", with(good, func(l map[string]string) { delete(l, snapshot.LabelImageRef) }),
+			[]string{"no image labels", "lazycas image pull"}, snapshot.ReasonNoImage},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			key := strings.ReplaceAll(tc.name, " ", "-")
@@ -851,6 +893,9 @@ func TestMountRefusesAndLeavesNothing(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not name %q", err, w)
 				}
+			}
+			if nl, ok := errors.AsType[*snapshot.NotLazyError](err); !ok || nl.Reason != tc.reason {
+				t.Errorf("error %q: reason %v, want %s", err, nl, tc.reason)
 			}
 			if mi, ok, _ := testlayer.MountAt(mp); ok {
 				t.Errorf("a failed Mount left a mount: %+v", mi)
@@ -872,6 +917,50 @@ func TestMountRefusesAndLeavesNothing(t *testing.T) {
 	}
 	if st, err := e.st.Stats(); err != nil || st.Layers != 0 || st.Objects != 0 {
 		t.Errorf("store after failed mounts: %+v, %v", st, err)
+	}
+}
+
+func TestNotLazySaysWhatToDo(t *testing.T) {
+	refused := fmt.Errorf("open blob: %w", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
+	for _, tc := range []struct {
+		name   string
+		err    error
+		where  where
+		reason string
+		want   []string
+		not    []string
+	}{
+		{"a label-less pull's registry without a port is unreachable", refused,
+			where{ref: "127.0.0.1/library/python:lazy", layer: digest.Digest("sha256:" + strings.Repeat("a", 64)), found: true},
+			snapshot.ReasonUnreachable, []string{"hosts.toml for the bare host 127.0.0.1", "lazycas image pull"}, nil},
+		{"a labelled pull's registry is unreachable", refused,
+			where{ref: "127.0.0.1:5000/library/python:lazy"},
+			snapshot.ReasonUnreachable, []string{"connection refused", "hosts.toml"}, []string{"bare host"}},
+		{"a TOC that does not match", fmt.Errorf("layer x: %w: TOC hashes to a", layer.ErrTOCMismatch), where{},
+			snapshot.ReasonTOCMismatch, []string{"lazycas image convert"}, nil},
+		{"anything else", errors.New("metadata: disk full"), where{},
+			snapshot.ReasonMountFailed, []string{"disk full"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := notLazy(tc.err, tc.where)
+			nl, ok := errors.AsType[*snapshot.NotLazyError](err)
+			if !ok || nl.Reason != tc.reason || !errors.Is(err, tc.err) {
+				t.Fatalf("got %#v, want reason %s wrapping the cause", err, tc.reason)
+			}
+			if nl.Image != tc.where.ref || nl.Layer != tc.where.layer.String() {
+				t.Errorf("image %q layer %q, want %q %q", nl.Image, nl.Layer, tc.where.ref, tc.where.layer)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(nl.Detail, w) {
+					t.Errorf("detail %q does not say %q", nl.Detail, w)
+				}
+			}
+			for _, w := range tc.not {
+				if strings.Contains(nl.Detail, w) {
+					t.Errorf("detail %q says %q", nl.Detail, w)
+				}
+			}
+		})
 	}
 }
 

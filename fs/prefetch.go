@@ -22,6 +22,38 @@ const (
 	groupGap  = 64 << 10 // a larger hole between files starts a new group
 )
 
+// Phase is where a layer's prefetch and background fetch are.
+type Phase int32
+
+const (
+	// PhaseOff is a layer with neither prefetch nor background fetch.
+	PhaseOff Phase = iota
+	// PhasePrefetch fetches the files before the prefetch landmark.
+	PhasePrefetch
+	// PhaseWaiting waits BackgroundDelay before background fetch.
+	PhaseWaiting
+	// PhaseFetching fetches the rest of the layer in the background.
+	PhaseFetching
+	// PhaseDone fetched all it was to fetch: the prefetch list without
+	// background fetch, else every file (or left the rest to a stream).
+	PhaseDone
+	// PhaseIncomplete ended with files not fetched, after an error or
+	// maxFetchPasses passes trimmed for readers: those are fetched
+	// when read.
+	PhaseIncomplete
+	numPhases
+)
+
+var phaseNames = [numPhases]string{"off", "prefetch", "waiting", "fetching", "done", "incomplete"}
+
+// String is the phase's metric label value.
+func (p Phase) String() string { return phaseNames[p] }
+
+// Phases lists every phase, for exporting all of them.
+func Phases() []Phase {
+	return []Phase{PhaseOff, PhasePrefetch, PhaseWaiting, PhaseFetching, PhaseDone, PhaseIncomplete}
+}
+
 // startFetch starts fetching the layer's files in the background: the
 // prefetch list first, then (with Background) the rest. Files the store
 // has are skipped; a read by a container never waits behind this queue,
@@ -38,22 +70,30 @@ func (m *mounted) startFetch() {
 		var bytes int64
 		var err error
 		if m.fs.opts.Prefetch {
+			m.bgPhase.Store(int32(PhasePrefetch))
 			files, bytes, err = m.fetchAll(ctx, true)
 		}
 		if err == nil && m.fs.opts.Background {
 			// A container usually starts right after its layers are
 			// mounted: its first reads get the link to themselves.
+			m.bgPhase.Store(int32(PhaseWaiting))
 			select {
 			case <-ctx.Done():
 				err = ctx.Err()
 			case <-time.After(m.fs.opts.BackgroundDelay):
 			}
 			if err == nil {
+				m.bgPhase.Store(int32(PhaseFetching))
 				var f int
 				var b int64
 				f, b, err = m.fetchAll(ctx, false)
 				files, bytes = files+f, bytes+b
 			}
+		}
+		if err == nil {
+			m.bgPhase.Store(int32(PhaseDone))
+		} else {
+			m.bgPhase.Store(int32(PhaseIncomplete))
 		}
 		l := log.G(ctx).WithFields(log.Fields{
 			"key": m.key, "layer": m.meta.Info.Digest, "files": files, "bytes": bytes,
@@ -127,6 +167,16 @@ func (m *mounted) fetchPass(ctx context.Context, order []*metadata.Node) (files 
 			defer wg.Done()
 			for g := range groups {
 				n, b, err := m.fetchGroup(ctx, g, false)
+				// The group is handled, fetched or not: what is left
+				// of it is for a later pass or for readers.
+				var gb int64
+				for _, n := range g {
+					gb += n.Size
+				}
+				m.bgPendingFiles.Add(-int64(len(g)))
+				m.bgPendingBytes.Add(-gb)
+				m.bgFetchedFiles.Add(int64(n))
+				m.bgFetchedBytes.Add(b)
 				mu.Lock()
 				files += n
 				bytes += b
@@ -142,11 +192,22 @@ func (m *mounted) fetchPass(ctx context.Context, order []*metadata.Node) (files 
 		}()
 	}
 	var todo []*metadata.Node
+	var todoBytes int64
 	for _, n := range order {
 		if !m.fs.store.Has(digest.Digest(n.Digest)) {
 			todo = append(todo, n)
+			todoBytes += n.Size
 		}
 	}
+	// What this pass has to fetch, counted down as its groups are
+	// handled; nothing once it ends (groups left unfed are no longer
+	// its to fetch: the layer is being streamed, or unmounted).
+	m.bgPendingFiles.Store(int64(len(todo)))
+	m.bgPendingBytes.Store(todoBytes)
+	defer func() {
+		m.bgPendingFiles.Store(0)
+		m.bgPendingBytes.Store(0)
+	}()
 feed:
 	for _, g := range groupNodes(todo) {
 		if m.streaming.Load() {

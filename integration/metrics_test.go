@@ -43,6 +43,13 @@ func TestMetricsScrape(t *testing.T) {
 		t.Fatalf("python on lazycas: %v, %+v", err, res)
 	}
 
+	// A collection, for the GC series: to nothing, so that it frees
+	// what python's run brought (open objects stay).
+	gc, err := postGC(ctx, env, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	c := &http.Client{Timeout: 30 * time.Second}
 	resp, err := c.Get("http://" + addr + "/metrics")
 	if err != nil {
@@ -107,11 +114,53 @@ func TestMetricsScrape(t *testing.T) {
 		{"lazycas_fuse_request_duration_seconds", map[string]string{"op": "open"}, "python opened its files"},
 		{"lazycas_image_file_bytes", map[string]string{"ref": ref}, "the image is mounted"},
 		{"process_resident_memory_bytes", nil, "the daemon's memory is reported"},
+		{"lazycas_fetch_response_seconds", nil, "requests to the registry were timed to their headers"},
+		{"lazycas_fetch_request_duration_seconds", nil, "successful range requests were timed"},
+		{"lazycas_layer_fetch_requests_total", map[string]string{"outcome": "ok"}, "each mounted layer read its TOC at least"},
+		{"lazycas_layer_fetch_bytes_total", map[string]string{"outcome": "ok"}, "each mounted layer read its TOC at least"},
+		{"lazycas_store_gc_runs_total", nil, "the test asked for a collection"},
 	} {
 		v, ok := value(want.name, want.labels)
 		if !ok || v <= 0 {
 			t.Errorf("%s%v = %v (present %v), want > 0: %s", want.name, want.labels, v, ok, want.why)
 		}
+	}
+	// Counters of a collection are exact: no store budget, so the test's
+	// was the only one.
+	if v, _ := value("lazycas_store_gc_freed_bytes_total", nil); v != float64(gc.Freed) {
+		t.Errorf("lazycas_store_gc_freed_bytes_total = %v, the collection freed %d", v, gc.Freed)
+	}
+	if v, _ := value("lazycas_store_gc_removed_objects_total", nil); v != float64(gc.Removed) {
+		t.Errorf("lazycas_store_gc_removed_objects_total = %v, the collection removed %d", v, gc.Removed)
+	}
+	// Per-layer series name only mounted layers (that bounds them), each
+	// with every outcome; every mounted layer is in one background phase.
+	mounted, _ := value("lazycas_layers_mounted", nil)
+	for _, name := range []string{"lazycas_layer_fetch_requests_total", "lazycas_layer_fetch_bytes_total",
+		"lazycas_background_fetch_pending_files", "lazycas_background_fetch_pending_bytes",
+		"lazycas_background_fetched_files_total", "lazycas_background_fetched_bytes_total"} {
+		layers := map[string]bool{}
+		if f := fams[name]; f != nil {
+			for _, m := range f.Metric {
+				for _, l := range m.Label {
+					if l.GetName() == "layer" {
+						layers[l.GetValue()] = true
+					}
+				}
+			}
+		}
+		if len(layers) == 0 || float64(len(layers)) > mounted {
+			t.Errorf("%s has series of %d layers, want 1 to %v (the mounted ones)", name, len(layers), mounted)
+		}
+	}
+	var phases float64
+	if f := fams["lazycas_background_fetch_layers"]; f != nil {
+		for _, m := range f.Metric {
+			phases += m.Gauge.GetValue()
+		}
+	}
+	if phases != mounted {
+		t.Errorf("lazycas_background_fetch_layers sums to %v over its phases, %v layers are mounted", phases, mounted)
 	}
 	t.Logf("scraped %d bytes, %d metric families; promtool and the figures agree with what the container did", len(body), len(fams))
 }

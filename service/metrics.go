@@ -12,7 +12,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	lazyfs "github.com/lazycas/lazycas/fs"
 	"github.com/lazycas/lazycas/fs/fuse"
+	"github.com/lazycas/lazycas/fs/remote"
 	"github.com/lazycas/lazycas/service/cri"
 	"github.com/lazycas/lazycas/snapshot"
 )
@@ -45,7 +47,7 @@ func (c unpackedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descUnpa
 
 func (c unpackedCollector) Collect(ch chan<- prometheus.Metric) {
 	counts := c.sn.UnpackedCounts()
-	for _, r := range []string{snapshot.ReasonLazyOff, snapshot.ReasonNotLazyFormat, snapshot.ReasonNoImage, snapshot.ReasonMountFailed} {
+	for _, r := range snapshot.Reasons() {
 		ch <- prometheus.MustNewConstMetric(descUnpacked, prometheus.CounterValue, float64(counts[r]), r)
 	}
 }
@@ -91,6 +93,22 @@ var (
 	descResumed        = desc("handover_resumed_layers", "Layers this daemon took over, mounted, from the previous one at start.")
 	descResumeFailed   = desc("handover_failed_layers", "Layers the previous daemon left that this one could not take over (mounted anew; their readers got errors).")
 	descHandoverWait   = desc("handover_wait_seconds", "Longest a read of a taken-over layer waited for a daemon at this daemon's start.")
+
+	// Per layer: the label is the digest of a layer mounted now, so the
+	// series are bounded by the mounted layers; an unmounted layer's
+	// series go at the next scrape. outcome is one of remote.Outcomes.
+	descLayerRequests = desc("layer_fetch_requests_total", "Attempts at registry requests for a mounted layer's blob (TOC, reads, prefetch), by outcome: ok, retried (another attempt followed), error (the read failed), canceled (its caller stopped waiting).", "layer", "outcome")
+	descLayerBytes    = desc("layer_fetch_bytes_total", "Response body bytes read for a mounted layer's blob, by the outcome of the attempt that read them (bytes of failed attempts were read for nothing).", "layer", "outcome")
+	descFetchHeaders  = desc("fetch_response_seconds", "Registry requests, from sending each to its response headers (redirects followed included).")
+	descFetchAttempt  = desc("fetch_request_duration_seconds", "Successful registry range requests, from the start of the attempt (auth and redirect rounds included) to the last byte of its body.")
+	descGCRuns        = desc("store_gc_runs_total", "Collections of the store, asked for (lazycas store gc) or started by a store over store.max_size.")
+	descGCRemoved     = desc("store_gc_removed_objects_total", "Objects the store's collections removed.")
+	descGCFreed       = desc("store_gc_freed_bytes_total", "Content bytes of the objects the store's collections removed.")
+	descBgLayers      = desc("background_fetch_layers", "Mounted layers by where their prefetch and background fetch are: off, prefetch, waiting (background_delay), fetching, done, incomplete (the rest is fetched when read).", "phase")
+	descBgPendFiles   = desc("background_fetch_pending_files", "Files a mounted layer's prefetch or background fetch has still to fetch in its current pass; 0 when none runs.", "layer")
+	descBgPendBytes   = desc("background_fetch_pending_bytes", "Bytes of the files a mounted layer's prefetch or background fetch has still to fetch in its current pass; 0 when none runs.", "layer")
+	descBgFiles       = desc("background_fetched_files_total", "Files a mounted layer's prefetch and background fetch put into the store.", "layer")
+	descBgBytes       = desc("background_fetched_bytes_total", "Bytes of the files a mounted layer's prefetch and background fetch put into the store.", "layer")
 )
 
 // lazyCollector turns lazycas's counters into metrics at each scrape.
@@ -142,6 +160,24 @@ func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descImagePresent, float64(im.PresentBytes), im.Ref)
 		gauge(descImageFiles, float64(im.Bytes), im.Ref)
 	}
+	histogram(ch, descFetchHeaders, st.Fetch.Headers)
+	histogram(ch, descFetchAttempt, st.Fetch.Attempts)
+	for _, l := range st.Layers {
+		for _, o := range remote.Outcomes() {
+			counter(descLayerRequests, float64(l.Fetch.Requests[o]), l.Digest, o.String())
+			counter(descLayerBytes, float64(l.Fetch.Bytes[o]), l.Digest, o.String())
+		}
+		gauge(descBgPendFiles, float64(l.PendingFiles), l.Digest)
+		gauge(descBgPendBytes, float64(l.PendingBytes), l.Digest)
+		counter(descBgFiles, float64(l.FetchedFiles), l.Digest)
+		counter(descBgBytes, float64(l.FetchedBytes), l.Digest)
+	}
+	for _, p := range lazyfs.Phases() {
+		gauge(descBgLayers, float64(st.Phases[p.String()]), p.String())
+	}
+	counter(descGCRuns, float64(st.Store.GCRuns))
+	counter(descGCRemoved, float64(st.Store.GCRemoved))
+	counter(descGCFreed, float64(st.Store.GCFreed))
 	gauge(descResumed, float64(st.Handover.Resumed))
 	gauge(descResumeFailed, float64(st.Handover.Failed))
 	gauge(descHandoverWait, st.Handover.Waited.Seconds())
@@ -157,4 +193,13 @@ func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstHistogram(descFUSE, op.Count, op.Sum.Seconds(), buckets, op.Op)
 		}
 	}
+}
+
+// histogram sends a remote.Histogram as a Prometheus histogram.
+func histogram(ch chan<- prometheus.Metric, d *prometheus.Desc, h remote.Histogram) {
+	buckets := make(map[float64]uint64, len(h.Buckets))
+	for i, le := range remote.LatencyBuckets {
+		buckets[le] = h.Buckets[i]
+	}
+	ch <- prometheus.MustNewConstHistogram(d, h.Count, h.Sum.Seconds(), buckets)
 }

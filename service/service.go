@@ -314,12 +314,12 @@ func Listen(ctx context.Context, address string) (net.Listener, error) {
 	case err != nil:
 		return nil, fmt.Errorf("socket %s: %w", address, err)
 	case fi.Mode()&os.ModeSocket == 0:
-		return nil, fmt.Errorf("socket %s: path exists and is not a socket", address)
+		return nil, fmt.Errorf("socket %s: path exists and is not a socket: remove it, or pass another --address", address)
 	default:
 		conn, derr := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "unix", address)
 		if derr == nil {
 			conn.Close()
-			return nil, fmt.Errorf("socket %s is in use by another process (is a lazycas daemon already running?)", address)
+			return nil, fmt.Errorf("socket %s is in use by another process (is a lazycas daemon already running?): stop it, or pass another --address and root", address)
 		}
 		if !errors.Is(derr, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("socket %s: probe existing socket: %w", address, derr)

@@ -243,7 +243,8 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		return s.create(ctx, snapshots.KindActive, key, parent, opts)
 	}
 	if s.fs == nil {
-		s.unpacked.add(ctx, target, info.Labels, NotLazy(ReasonLazyOff, "lazy layers are off (fs.lazy = false)"))
+		s.unpacked.add(ctx, target, info.Labels, NotLazy(ReasonLazyOff,
+			"lazy layers are off (fs.lazy = false): set fs.lazy = true in the daemon's config to mount eStargz and zstd:chunked layers lazily"))
 		return s.create(ctx, snapshots.KindActive, key, parent, opts)
 	}
 	if err := s.fs.Lazy(info.Labels); err != nil {
@@ -261,7 +262,9 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		if errdefs.IsAlreadyExists(err) {
 			return nil, err
 		}
-		s.unpacked.add(ctx, target, info.Labels, NotLazy(ReasonMountFailed, err.Error()))
+		// A *NotLazyError from the filesystem keeps its reason; any
+		// other failure counts as mount-failed.
+		s.unpacked.add(ctx, target, info.Labels, err)
 		return mounts, nil
 	}
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)

@@ -28,8 +28,14 @@ type GCResult struct {
 // objects no layer references first, least recently used first, then
 // objects of mounted layers (they are fetched again when read). Objects
 // that are open are never removed. Reads and fills go on meanwhile.
-func (s *Store) GC(ctx context.Context, maxBytes int64) (GCResult, error) {
-	var res GCResult
+func (s *Store) GC(ctx context.Context, maxBytes int64) (res GCResult, err error) {
+	// Every run counts, failed or with nothing to remove: an operator
+	// sees collections happen, and what even a failed one removed.
+	s.gcRuns.Add(1)
+	defer func() {
+		s.gcRemoved.Add(res.Removed)
+		s.gcFreed.Add(res.Freed)
+	}()
 	if err := s.commit(); err != nil {
 		return res, fmt.Errorf("store gc: %w", err)
 	}
@@ -43,7 +49,7 @@ func (s *Store) GC(ctx context.Context, maxBytes int64) (GCResult, error) {
 		referenced bool
 	}
 	var cands []candidate
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err = s.db.View(func(tx *bolt.Tx) error {
 		refs := map[string]bool{}
 		layers := tx.Bucket(bucketLayers)
 		if err := layers.ForEach(func(name, v []byte) error {

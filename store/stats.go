@@ -34,6 +34,11 @@ type Stats struct {
 	// FetchedFiles and FetchedBytes count objects sealed since Open.
 	FetchedFiles int64 `json:"fetchedFiles"`
 	FetchedBytes int64 `json:"fetchedBytes"`
+	// GCRuns counts collections since Open; GCRemoved and GCFreed the
+	// objects they removed and those objects' content bytes.
+	GCRuns    int64 `json:"gcRuns"`
+	GCRemoved int64 `json:"gcRemovedObjects"`
+	GCFreed   int64 `json:"gcFreedBytes"`
 }
 
 // DedupRatio is LogicalBytes / Bytes: how many times over the layers
@@ -50,7 +55,8 @@ func (s *Store) Stats() (Stats, error) {
 	if err := s.commit(); err != nil {
 		return Stats{}, fmt.Errorf("store: commit: %w", err)
 	}
-	st := Stats{FetchedFiles: s.fetchedFiles.Load(), FetchedBytes: s.fetchedBytes.Load()}
+	st := Stats{FetchedFiles: s.fetchedFiles.Load(), FetchedBytes: s.fetchedBytes.Load(),
+		GCRuns: s.gcRuns.Load(), GCRemoved: s.gcRemoved.Load(), GCFreed: s.gcFreed.Load()}
 	s.mu.Lock()
 	st.Open = int64(len(s.open))
 	st.Partial = int64(len(s.partials))

@@ -63,6 +63,10 @@ type Store struct {
 	fetchedBytes atomic.Int64
 	fetchedFiles atomic.Int64
 
+	// Collections since Open (by GC, asked for or started by a seal over
+	// budget), and the objects and content bytes they removed.
+	gcRuns, gcRemoved, gcFreed atomic.Int64
+
 	// total is the content size of the sealed objects; maxBytes the budget
 	// beyond which a seal starts a collection (0: none).
 	total      atomic.Int64

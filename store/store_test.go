@@ -283,6 +283,17 @@ func TestGCUnreferencedFirstLeastRecentlyUsedFirstNeverOpen(t *testing.T) {
 	if err != nil || st.Objects != 0 || st.Bytes != 0 || st.Layers != 1 || st.LayerFileBytes != 27 {
 		t.Errorf("stats after gc = %+v, %v", st, err)
 	}
+	// The three collections, what they removed, and the bytes freed, for
+	// metrics; a run with nothing to remove counts as a run.
+	if st.GCRuns != 3 || st.GCRemoved != 4 || st.GCFreed != 4*27 {
+		t.Errorf("gc counters: %d runs, %d removed, %d freed; want 3, 4, %d", st.GCRuns, st.GCRemoved, st.GCFreed, 4*27)
+	}
+	if _, err := s.GC(ctx, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := s.Stats(); err != nil || st.GCRuns != 4 || st.GCRemoved != 4 {
+		t.Errorf("after a collection under budget: %d runs, %d removed, %v; want 4, 4", st.GCRuns, st.GCRemoved, err)
+	}
 }
 
 func TestStatsDedup(t *testing.T) {

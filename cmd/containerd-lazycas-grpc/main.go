@@ -56,7 +56,7 @@ func run(args []string, stderr io.Writer) error {
 		return err
 	}
 	if flags.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", flags.Args())
+		return fmt.Errorf("unexpected arguments %q: the daemon takes only flags (see --help)", flags.Args())
 	}
 	if *showVersion {
 		fmt.Fprintf(os.Stdout, "containerd-lazycas-grpc %s\n", version)
@@ -194,7 +194,7 @@ func runHolder(args []string, stderr io.Writer) error {
 		return err
 	}
 	if flags.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", flags.Args())
+		return fmt.Errorf("unexpected arguments %q: the fuse holder takes only flags (see fuse-holder --help)", flags.Args())
 	}
 	if *socket == "" {
 		c := config.Config{Root: *root}

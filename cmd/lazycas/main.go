@@ -32,7 +32,7 @@ commands:
   image profile pull REF          merge the profiles attached to REF into the daemon's
   store stats [flags]             show the shared store: objects, bytes, dedup, per image
   store gc [flags]                trim the shared store to a size
-  version                         print the version
+  version                         print the version (also --version)
 
 Run "lazycas image convert -h" or "lazycas image pull -h" for their flags.
 `
@@ -70,7 +70,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return errUsage
 	}
 	switch {
-	case args[0] == "version":
+	case args[0] == "version" || args[0] == "--version":
+		// The same string as containerd-lazycas-grpc --version prints
+		// after its name: both come from the Makefile's -X main.version.
 		fmt.Fprintf(stdout, "lazycas %s\n", version)
 		return nil
 	case args[0] == "image" && len(args) > 1 && args[1] == "pull":

@@ -41,6 +41,11 @@ func TestCommandLineErrors(t *testing.T) {
 		{"both platform flags", []string{"image", "convert", "--platform", "linux/arm64", "--all-platforms", "a", "b"}, false, "exclude each other"},
 		{"a missing prefetch list", []string{"image", "convert", "--prefetch", "/nonexistent/list", "a", "b"}, false, "--prefetch"},
 		{"pull without containerd", []string{"image", "pull", "--address", "/nonexistent/containerd.sock", "busybox"}, false, "/nonexistent/containerd.sock"},
+		{"pull without containerd says what to do", []string{"image", "pull", "--address", "/nonexistent/containerd.sock", "busybox"}, false, "is containerd running? Pass its socket with --address"},
+		{"stats without the daemon", []string{"store", "stats", "--api-address", "/nonexistent/api.sock"}, false, "/nonexistent/api.sock"},
+		{"stats without the daemon says what to do", []string{"store", "stats", "--api-address", "/nonexistent/api.sock"}, false, "is containerd-lazycas-grpc running?"},
+		{"gc without the daemon says what to do", []string{"store", "gc", "--api-address", "/nonexistent/api.sock", "--max-size", "1GiB"}, false, "pass that socket with --api-address"},
+		{"a bad gc size", []string{"store", "gc", "--max-size", "lots"}, false, "want a size such as"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
@@ -58,5 +63,23 @@ func TestCommandLineErrors(t *testing.T) {
 				t.Errorf("error is not one line: %q", err)
 			}
 		})
+	}
+}
+
+func TestPullHintSaysWhatToDo(t *testing.T) {
+	for _, tc := range []struct {
+		err  string
+		want string
+	}{
+		{`failed to do request: Head "https://127.0.0.1:5000/v2/x/manifests/1": http: server gave HTTP response to HTTPS client`, "--plain-http"},
+		{`tls: failed to verify certificate: x509: certificate signed by unknown authority`, "hosts.toml"},
+		{`unexpected status from HEAD request to https://r/v2/x/manifests/1: 401 Unauthorized`, "docker login"},
+		{`failed to prepare extraction snapshot: snapshotter not loaded: lazycas: invalid argument`, "proxy_plugins"},
+		{`some other failure`, ""},
+	} {
+		got := pullHint(errors.New(tc.err), "lazycas")
+		if tc.want == "" && got != "" || !strings.Contains(got, tc.want) {
+			t.Errorf("pullHint(%q) = %q, want it to say %q", tc.err, got, tc.want)
+		}
 	}
 }

@@ -145,7 +145,7 @@ func (c *apiClient) send(ctx context.Context, method, path string, body []byte, 
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("lazycas daemon at %s: %w (is it running? see --api-address)", c.address, err)
+		return c.unreachable(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/image-spec/identity"
 
@@ -32,6 +34,9 @@ type pullResult struct {
 	Snapshotter string        `json:"snapshotter"`
 	Seconds     float64       `json:"seconds"`
 	Layers      []layerResult `json:"layers"`
+	// Note says why unpacked layers have no reason: the daemon's API did
+	// not answer.
+	Note string `json:"note,omitempty"`
 }
 
 type layerResult struct {
@@ -41,8 +46,11 @@ type layerResult struct {
 	ChainID   string `json:"chainID"`
 	// Mode is "lazy" (mounted from the registry) or "unpacked".
 	Mode string `json:"mode"`
-	// Why, for an unpacked layer, is what the daemon said of it.
-	Why string `json:"why,omitempty"`
+	// Why, for an unpacked layer, is what the daemon said of it, and
+	// Reason its class: the reason label of the daemon's
+	// lazycas_layers_unpacked_total and of GET /v1/layers/unpacked.
+	Why    string `json:"why,omitempty"`
+	Reason string `json:"reason,omitempty"`
 	// DiskUsage is what the snapshot holds on the node's disk.
 	DiskUsage int64 `json:"diskUsage"`
 }
@@ -90,11 +98,11 @@ func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) err
 
 	// containerd.New waits out its whole timeout on a socket that is not there.
 	if _, err := os.Stat(*address); err != nil {
-		return fmt.Errorf("containerd socket: %w", err)
+		return fmt.Errorf("containerd socket: %w: is containerd running? Pass its socket with --address", err)
 	}
 	client, err := containerd.New(*address, containerd.WithDefaultNamespace(*namespace), containerd.WithTimeout(10*time.Second))
 	if err != nil {
-		return fmt.Errorf("connect to containerd at %s: %w", *address, err)
+		return fmt.Errorf("connect to containerd at %s: %w: is containerd running? Pass its socket with --address", *address, err)
 	}
 	defer client.Close()
 
@@ -109,13 +117,13 @@ func imagePull(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(ref)),
 	)
 	if err != nil {
-		return fmt.Errorf("pull %s: %w", ref, err)
+		return fmt.Errorf("pull %s: %w%s", ref, err, pullHint(err, *snapshotter))
 	}
 	res, err := describePull(ctx, client, img, *snapshotter, platMatcher)
 	if err != nil {
 		return err
 	}
-	explainUnpacked(ctx, *apiAddress, &res)
+	res.Note = explainUnpacked(ctx, *apiAddress, &res)
 	res.Seconds = time.Since(start).Seconds()
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -161,25 +169,45 @@ func describePull(ctx context.Context, client *containerd.Client, img containerd
 	return res, nil
 }
 
+// pullHint says what to do about a failed pull, for the failures whose
+// fix is not in containerd's words.
+func pullHint(err error, snapshotter string) string {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "server gave HTTP response to HTTPS client"):
+		return " (a plain-HTTP registry: pass --plain-http, or --hosts-dir with a hosts.toml for it)"
+	case strings.Contains(msg, "certificate"):
+		return " (the registry's TLS certificate was not accepted: configure its CA in a hosts.toml and pass --hosts-dir)"
+	case errdefs.IsUnauthorized(err) || strings.Contains(msg, "401 Unauthorized"):
+		return " (the registry wants credentials: log in with `docker login`, whose config.json lazycas reads, or configure them for the registry)"
+	case strings.Contains(msg, "snapshotter not loaded"):
+		return fmt.Sprintf(" (containerd has no snapshotter %q: add lazycas to containerd's proxy_plugins, see README, and restart containerd, or pass --snapshotter)", snapshotter)
+	}
+	return ""
+}
+
 // explainUnpacked asks the daemon why the unpacked layers of res were not
-// mounted lazily. A daemon it cannot reach leaves them unexplained.
-func explainUnpacked(ctx context.Context, apiAddress string, res *pullResult) {
+// mounted lazily. A daemon it cannot reach leaves them unexplained, and
+// the note it returns says so.
+func explainUnpacked(ctx context.Context, apiAddress string, res *pullResult) string {
 	if !slices.ContainsFunc(res.Layers, func(l layerResult) bool { return l.Mode == "unpacked" }) {
-		return
+		return ""
 	}
 	var unpacked []snapshot.Unpacked
 	if err := newAPIClient(apiAddress).call(ctx, http.MethodGet, service.APIUnpacked, nil, &unpacked); err != nil {
-		return
+		return "why layers were unpacked is unknown: " + err.Error()
 	}
-	why := map[string]string{}
+	why := map[string]snapshot.Unpacked{}
 	for _, u := range unpacked {
-		why[u.ChainID] = u.Detail
+		why[u.ChainID] = u
 	}
 	for i := range res.Layers {
 		if res.Layers[i].Mode == "unpacked" {
-			res.Layers[i].Why = why[res.Layers[i].ChainID]
+			u := why[res.Layers[i].ChainID]
+			res.Layers[i].Why, res.Layers[i].Reason = u.Detail, u.Reason
 		}
 	}
+	return ""
 }
 
 func printPull(w io.Writer, res pullResult) {
@@ -192,8 +220,11 @@ func printPull(w io.Writer, res pullResult) {
 	tw.Flush()
 	for _, l := range res.Layers {
 		if l.Why != "" {
-			fmt.Fprintf(w, "  %s unpacked: %s\n", shortDigest(l.Digest), l.Why)
+			fmt.Fprintf(w, "  %s unpacked (%s): %s\n", shortDigest(l.Digest), l.Reason, l.Why)
 		}
+	}
+	if res.Note != "" {
+		fmt.Fprintf(w, "  %s\n", res.Note)
 	}
 }
 

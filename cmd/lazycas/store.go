@@ -35,6 +35,13 @@ func newAPIClient(address string) *apiClient {
 	}}
 }
 
+// unreachable says that the daemon did not answer, and what to check.
+func (c *apiClient) unreachable(err error) error {
+	return fmt.Errorf("cannot reach the lazycas daemon's API at %s: %w: is containerd-lazycas-grpc running? "+
+		"Its API socket is api_address in its config (by default next to its --address socket: %s); pass that socket with --api-address",
+		c.address, err, config.DefaultAPIAddress)
+}
+
 // call sends a request and decodes the JSON answer into out.
 func (c *apiClient) call(ctx context.Context, method, path string, query url.Values, out any) error {
 	u := url.URL{Scheme: "http", Host: "lazycas", Path: path, RawQuery: query.Encode()}
@@ -44,7 +51,7 @@ func (c *apiClient) call(ctx context.Context, method, path string, query url.Val
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("lazycas daemon at %s: %w (is it running? see --api-address)", c.address, err)
+		return c.unreachable(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -99,6 +106,16 @@ func storeStats(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fmt.Fprintf(tw, "dedup ratio\t%.2f\n", s.DedupRatio())
 	fmt.Fprintf(tw, "fetched since start\t%d files, %s of content; %s over %d requests (%d retried)\n",
 		s.FetchedFiles, size(s.FetchedBytes), size(st.Fetch.BytesFetched), st.Fetch.Requests, st.Fetch.Retries)
+	if s.GCRuns > 0 {
+		fmt.Fprintf(tw, "collected since start\t%d times: %d objects, %s removed\n", s.GCRuns, s.GCRemoved, size(s.GCFreed))
+	}
+	var pendingFiles, pendingBytes int64
+	for _, l := range st.Layers {
+		pendingFiles, pendingBytes = pendingFiles+l.PendingFiles, pendingBytes+l.PendingBytes
+	}
+	if busy := st.Phases[lazyfs.PhasePrefetch.String()] + st.Phases[lazyfs.PhaseWaiting.String()] + st.Phases[lazyfs.PhaseFetching.String()]; busy > 0 {
+		fmt.Fprintf(tw, "background fetch\t%d layers fetching or about to; %d files (%s) pending in their current passes\n", busy, pendingFiles, size(pendingBytes))
+	}
 	if h := st.Handover; h.Resumed > 0 || h.Failed > 0 {
 		fmt.Fprintf(tw, "taken over at start	%d layers still mounted by the last daemon (%d could not be, mounted anew); their reads waited at most %s; %d requests it left unanswered answered\n",
 			h.Resumed, h.Failed, h.Waited.Round(time.Millisecond), h.Resent)
@@ -137,7 +154,7 @@ func storeGC(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	max, err := units.RAMInBytes(*maxSize)
 	if err != nil || max < 0 {
-		return fmt.Errorf("--max-size %q: want a size such as 10GiB", *maxSize)
+		return fmt.Errorf("--max-size %q: want a size such as 10GiB or 500MB", *maxSize)
 	}
 	var res store.GCResult
 	q := url.Values{"max_bytes": {fmt.Sprint(max)}}

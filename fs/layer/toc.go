@@ -53,6 +53,9 @@ const (
 // ErrNotLazy means the blob has no footer and TOC of a known format.
 var ErrNotLazy = errors.New("not a lazy layer")
 
+// ErrTOCMismatch means the blob's TOC is not the one its manifest pins.
+var ErrTOCMismatch = errors.New("TOC does not match the manifest")
+
 // Pin is what the manifest says the TOC must hash to. At least one field
 // is required: a TOC that nothing pins is never trusted.
 type Pin struct {
@@ -157,7 +160,7 @@ func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, err
 		}
 		if pin.CompressedTOCDesc != "" {
 			if got := digest.FromBytes(raw); got != pin.CompressedTOCDesc {
-				return nil, fmt.Errorf("compressed TOC hashes to %s, the manifest says %s", got, pin.CompressedTOCDesc)
+				return nil, fmt.Errorf("%w: compressed TOC hashes to %s, the manifest says %s", ErrTOCMismatch, got, pin.CompressedTOCDesc)
 			}
 		}
 		toc, err := decodeTOC(d, raw)
@@ -165,7 +168,7 @@ func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, err
 			return nil, fmt.Errorf("%s TOC: %w", f, err)
 		}
 		if pin.TOCDigest != "" && toc.Digest != pin.TOCDigest {
-			return nil, fmt.Errorf("TOC hashes to %s, the manifest says %s", toc.Digest, pin.TOCDigest)
+			return nil, fmt.Errorf("%w: TOC hashes to %s, the manifest says %s", ErrTOCMismatch, toc.Digest, pin.TOCDigest)
 		}
 		toc.Format, toc.Offset = f, tocOff
 		return toc, nil

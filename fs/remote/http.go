@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"path"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -134,7 +135,7 @@ func (b *Blob) run(ctx context.Context, what string, attempt func(ctx context.Co
 	var errs hostErrors
 	for i, host := range order {
 		last := i == len(order)-1
-		err := b.retry(ctx, host, last, what, attempt)
+		failed, err := b.retry(ctx, host, last, what, attempt)
 		if err == nil {
 			b.mu.Lock()
 			if b.loc.host != host {
@@ -143,11 +144,27 @@ func (b *Blob) run(ctx context.Context, what string, attempt func(ctx context.Co
 			b.mu.Unlock()
 			return nil
 		}
+		// retry left the outcome of a failed last attempt to this loop,
+		// which knows whether another host, or the caller, asks again.
+		count := func(o Outcome) {
+			if failed != nil {
+				b.counts.add(o, failed.bytes)
+			}
+		}
 		if ctx.Err() != nil {
+			count(OutcomeCanceled)
 			return context.Cause(ctx)
 		}
-		if errors.Is(err, errNoMultiRange) {
+		switch {
+		case errors.Is(err, errNoMultiRange):
+			// Asked again range by range: not a failure.
+			count(OutcomeRetried)
 			return err
+		case errors.Is(err, errNoSuffixRange) || !last:
+			// Asked again size first, or of the next host.
+			count(OutcomeRetried)
+		default:
+			count(OutcomeError)
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", b.hosts[host].Host, err))
 		if !last {
@@ -162,28 +179,40 @@ func (b *Blob) run(ctx context.Context, what string, attempt func(ctx context.Co
 	return errs
 }
 
+// failedAttempt is an attempt whose outcome retry left to its caller to
+// count, and the body bytes it read.
+type failedAttempt struct{ bytes int64 }
+
 // retry calls attempt on one host with a RequestTimeout each time, and
-// retries transient failures with exponential backoff and jitter.
-func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, attempt func(ctx context.Context, host int) error) error {
+// retries transient failures with exponential backoff and jitter. It
+// counts the outcome of every attempt but a failed last one, which it
+// returns with the error for run to count (nil when there is none: the
+// caller gave up during a backoff).
+func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, attempt func(ctx context.Context, host int) error) (*failedAttempt, error) {
 	timeout := b.f.opts.RequestTimeout
 	delay := b.f.opts.RetryBackoff
 	for n := 0; ; n++ {
-		actx, cancel := context.WithTimeout(ctx, timeout)
+		var got atomic.Int64
+		actx, cancel := context.WithTimeout(withAttemptBytes(ctx, &got), timeout)
+		start := time.Now()
 		err := attempt(actx, host)
 		timedOut := actx.Err() != nil
 		cancel()
 		if err == nil {
-			return nil
+			b.counts.add(OutcomeOK, got.Load())
+			b.f.attempts.observe(time.Since(start))
+			return nil, nil
 		}
 		if ctx.Err() != nil {
-			return context.Cause(ctx)
+			return &failedAttempt{got.Load()}, context.Cause(ctx)
 		}
 		if timedOut {
 			err = fmt.Errorf("%w after %v: %w", errRequestTimeout, timeout, err)
 		}
 		if n >= b.f.opts.Retries || !retryable(err, lastHost) {
-			return err
+			return &failedAttempt{got.Load()}, err
 		}
+		b.counts.add(OutcomeRetried, got.Load())
 		b.f.retries.Add(1)
 		wait := delay/2 + rand.N(delay)
 		log.G(ctx).WithError(err).WithFields(log.Fields{
@@ -193,7 +222,9 @@ func (b *Blob) retry(ctx context.Context, host int, lastHost bool, what string, 
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return context.Cause(ctx)
+			// The failed attempt was counted as retried: nothing more
+			// to count.
+			return nil, context.Cause(ctx)
 		case <-t.C:
 		}
 		delay = min(2*delay, maxBackoff)
@@ -359,12 +390,18 @@ func (b *Blob) do(ctx context.Context, h docker.RegistryHost, method, u, ranges 
 		}
 		return nil, fmt.Errorf("%s %s: %w", method, redact(req.URL), err)
 	}
+	waited := time.Since(sent)
+	b.f.headers.observe(waited)
 	// A redirect's answer comes from elsewhere (storage): only the
 	// registry's own answers measure the path to it.
 	if resp.Request.Response == nil {
-		meter.answered(time.Since(sent))
+		meter.answered(waited)
 	}
-	resp.Body = &meteredBody{ReadCloser: &countingBody{ReadCloser: resp.Body, n: &b.f.bytes}, m: meter}
+	var body io.ReadCloser = &countingBody{ReadCloser: resp.Body, n: &b.f.bytes}
+	if n := attemptBytes(ctx); n != nil {
+		body = &countingBody{ReadCloser: body, n: n}
+	}
+	resp.Body = &meteredBody{ReadCloser: body, m: meter}
 	return resp, nil
 }
 

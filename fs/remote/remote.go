@@ -108,6 +108,9 @@ type Fetcher struct {
 	hosts map[string][]docker.RegistryHost
 
 	requests, bytes, retries atomic.Int64
+	// headers times each HTTP request to its response headers; attempts
+	// times each successful attempt to its last body byte (see Stats).
+	headers, attempts histogram
 
 	linkMu sync.Mutex
 	links  map[string]*linkMeter // by registry host, see Links
@@ -124,6 +127,14 @@ type Stats struct {
 	Retries int64
 	// Links is what the requests measured of each registry host.
 	Links map[string]Link `json:",omitempty"`
+	// Headers times every HTTP request from sending it to its response
+	// headers (redirects it followed included; an auth challenge and
+	// its answer are two requests).
+	Headers Histogram `json:"-"`
+	// Attempts times every successful attempt (see Outcome) from its
+	// start to the last byte of its body: what a read waited for one
+	// request, auth and redirect rounds included, retries not.
+	Attempts Histogram `json:"-"`
 }
 
 // New returns a Fetcher for opts.
@@ -133,7 +144,8 @@ func New(opts Options) *Fetcher {
 
 // Stats returns the counters since New.
 func (f *Fetcher) Stats() Stats {
-	return Stats{Requests: f.requests.Load(), BytesFetched: f.bytes.Load(), Retries: f.retries.Load(), Links: f.Links()}
+	return Stats{Requests: f.requests.Load(), BytesFetched: f.bytes.Load(), Retries: f.retries.Load(), Links: f.Links(),
+		Headers: f.headers.snapshot(), Attempts: f.attempts.snapshot()}
 }
 
 // Close releases idle registry connections. Blobs stay usable; they reconnect
@@ -242,6 +254,7 @@ func (f *Fetcher) open(ref string, desc ocispec.Descriptor) (*Blob, error) {
 		scope:    scope,
 		hosts:    hosts,
 		slots:    make(chan struct{}, f.opts.MaxInFlight),
+		counts:   &blobCounters{},
 	}, nil
 }
 
@@ -279,6 +292,7 @@ type Blob struct {
 	scope    string // token scope for the repository
 	hosts    []docker.RegistryHost
 	slots    chan struct{} // MaxInFlight request slots
+	counts   *blobCounters // attempts by outcome; see Stats
 
 	// mu guards loc and noMulti.
 	mu sync.Mutex

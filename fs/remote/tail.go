@@ -45,8 +45,12 @@ func (f *Fetcher) OpenTail(ctx context.Context, ref string, desc ocispec.Descrip
 		return nil, nil, fmt.Errorf("open blob %s in %s/%s: %w", desc.Digest, b.registry, b.repo, err)
 	}
 	log.G(ctx).WithError(err).WithField("digest", desc.Digest).Debug("no suffix range: asking for the size first")
-	if b, err = f.Open(ctx, ref, desc); err != nil {
-		return nil, nil, err
+	if b.size == 0 {
+		size, err := b.stat(ctx)
+		if err != nil {
+			return nil, nil, fmt.Errorf("open blob %s in %s/%s: %w", desc.Digest, b.registry, b.repo, err)
+		}
+		b.size = size
 	}
 	tail = make([]byte, min(n, b.size))
 	if err := b.ReadRanges(ctx, []Range{{Off: b.size - int64(len(tail)), Buf: tail}}); err != nil {

@@ -125,8 +125,9 @@ type CLIPullLayer struct {
 	MediaType string `json:"mediaType"`
 	Size      int64  `json:"size"`
 	ChainID   string `json:"chainID"`
-	Mode      string `json:"mode"` // "lazy" or "unpacked"
-	Why       string `json:"why"`  // for an unpacked layer, the daemon's reason
+	Mode      string `json:"mode"`   // "lazy" or "unpacked"
+	Why       string `json:"why"`    // for an unpacked layer, what the daemon said
+	Reason    string `json:"reason"` // and its class (snapshot.Reason*)
 	DiskUsage int64  `json:"diskUsage"`
 }
 
