@@ -288,16 +288,9 @@ func (f *FileSystem) mount(ctx context.Context, key, mountpoint string, labels m
 		return fmt.Errorf("layer digest %q: %w", dgst, err)
 	}
 	f.readAheadTails(ctx, ref, f.layersAbove(ctx, labels, dgst, manifest))
-	blob, toc, tree, err := f.readTOC(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size}, pin)
+	blob, toc, tree, ahead, err := f.readTOC(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size}, pin)
 	if err != nil {
 		return err
-	}
-	tocRead := time.Now()
-	ahead := tree != nil
-	if !ahead {
-		if tree, err = layer.Build(toc); err != nil {
-			return fmt.Errorf("layer %s: invalid TOC: %w", dgst, err)
-		}
 	}
 	built := time.Now()
 	info := metadata.LayerInfo{
@@ -341,7 +334,7 @@ func (f *FileSystem) mount(ctx context.Context, key, mountpoint string, labels m
 	log.G(ctx).WithFields(log.Fields{
 		"key": key, "layer": dgst, "format": toc.Format, "entries": len(tree.Nodes), "files": tree.Files,
 		"prefetch": len(tree.Prefetch), "took": time.Since(start).Round(time.Millisecond),
-		"toc": tocRead.Sub(start).Round(time.Millisecond), "build": built.Sub(tocRead).Round(time.Millisecond),
+		"toc": built.Sub(start).Round(time.Millisecond),
 		"metadata": stored.Sub(built).Round(time.Millisecond), "decoded_ahead": ahead,
 	}).Info("layer mounted lazily")
 	return nil

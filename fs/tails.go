@@ -52,22 +52,22 @@ type tail struct {
 	tree *layer.Tree // nil when not built ahead (no pin, or a bad TOC: the mount says why)
 }
 
-// readTOC opens the layer blob and reads its verified TOC, from a tail read
-// ahead for it if there is one. tree is the TOC's tree when it was built
-// ahead against the same pin, else nil.
-func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin) (_ *remote.Blob, _ *layer.TOC, tree *layer.Tree, _ error) {
+// readTOC opens the layer blob and reads its verified TOC and tree, from a
+// tail read ahead for it if there is one; ahead says the tree was built
+// ahead against the same pin.
+func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin) (_ *remote.Blob, _ *layer.TOC, _ *layer.Tree, ahead bool, _ error) {
 	t, err := f.openTail(ctx, ref, desc)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
+		return nil, nil, nil, false, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
 	}
 	if t.tree != nil && t.pin == pin {
-		return t.blob, t.toc, t.tree, nil
+		return t.blob, t.toc, t.tree, true, nil
 	}
-	toc, err := layer.ReadTOC(ctx, t.reader(), t.blob.Size(), pin)
+	toc, tree, err := layer.ReadTree(ctx, t.reader(), t.blob.Size(), pin)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		return nil, nil, nil, false, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
-	return t.blob, toc, nil, nil
+	return t.blob, toc, tree, false, nil
 }
 
 // reader reads the blob, from the tail in memory where it has the bytes.
@@ -172,17 +172,14 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []oci
 			if !pinned {
 				return
 			}
-			toc, err := layer.ReadTOC(tctx, t.reader(), t.blob.Size(), pin)
-			if err == nil {
-				t.tree, err = layer.Build(toc)
-			}
+			toc, tree, err := layer.ReadTree(tctx, t.reader(), t.blob.Size(), pin)
 			if err != nil {
 				// The mount reads it again and fails with the reason.
 				t.tree = nil
 				log.G(ctx).WithError(err).WithField("layer", d).Debug("decode a layer's TOC ahead")
 				return
 			}
-			t.toc, t.pin = toc, pin
+			t.toc, t.tree, t.pin = toc, tree, pin
 		}()
 	}
 }

@@ -31,6 +31,9 @@ const (
 	opaqueMarker  = ".wh..wh..opq"
 )
 
+// emptyDigest is every empty file's digest: one string, not one per file.
+var emptyDigest = digest.SHA256.FromString("").String()
+
 // Tree is a validated layer, ready for metadata.DB.Put.
 type Tree struct {
 	Nodes   []*metadata.Node
@@ -52,34 +55,44 @@ type buildNode struct {
 // Build validates toc and turns it into an inode tree. Whiteouts become
 // 0:0 character devices and opaque markers an opaque flag, the way
 // overlayfs expects them in a lower layer; landmarks and the markers
-// themselves are not part of the tree.
+// themselves are not part of the tree. ReadTree does the same while it
+// decodes the TOC.
 func Build(toc *TOC) (*Tree, error) {
 	if len(toc.Entries) > maxEntries {
 		return nil, fmt.Errorf("TOC has %d entries, more than %d", len(toc.Entries), maxEntries)
 	}
-	b := &builder{toc: toc, byPath: map[string]*buildNode{}}
+	b := newBuilder(toc.Offset)
+	for i, e := range toc.Entries {
+		if err := b.add(i, e); err != nil {
+			return nil, err
+		}
+	}
+	return b.finish()
+}
+
+type builder struct {
+	tocOffset int64
+	root      *buildNode
+	byPath    map[string]*buildNode
+	nodes     []*metadata.Node
+	regs      []*metadata.Node // in layer order
+	regAt     []int            // the TOC entry of each of regs, for errors
+	regName   []string         // and its name
+	prefetch  []uint64
+	landmark  bool
+
+	last     *metadata.Node // the regular file that "chunk" entries continue
+	lastAt   int            // its TOC entry
+	lastName string
+}
+
+func newBuilder(tocOffset int64) *builder {
+	b := &builder{tocOffset: tocOffset, byPath: map[string]*buildNode{}}
 	root := b.newNode(metadata.TypeDir, 0o755)
 	root.Nlink = 2
 	b.root = &buildNode{n: root, children: map[string]*buildNode{}, implicit: true}
 	b.byPath[""] = b.root
-	if err := b.entries(); err != nil {
-		return nil, err
-	}
-	if err := b.offsets(); err != nil {
-		return nil, err
-	}
-	return b.tree(), nil
-}
-
-type builder struct {
-	toc      *TOC
-	root     *buildNode
-	byPath   map[string]*buildNode
-	nodes    []*metadata.Node
-	regs     []*metadata.Node // in layer order
-	regAt    []int            // the TOC entry of each of regs, for errors
-	prefetch []uint64
-	landmark bool
+	return b
 }
 
 func (b *builder) newNode(t metadata.Type, mode uint32) *metadata.Node {
@@ -88,53 +101,62 @@ func (b *builder) newNode(t metadata.Type, mode uint32) *metadata.Node {
 	return n
 }
 
-func (b *builder) entries() error {
-	var last *metadata.Node // the regular file that "chunk" entries continue
-	var lastAt int          // its TOC entry
-	for i, e := range b.toc.Entries {
-		if e == nil {
-			return fmt.Errorf("TOC entry %d is null", i)
+// add takes TOC entry i, in TOC order.
+func (b *builder) add(i int, e *estargz.TOCEntry) error {
+	if i >= maxEntries {
+		return fmt.Errorf("TOC has more than %d entries", maxEntries)
+	}
+	if e == nil {
+		return fmt.Errorf("TOC entry %d is null", i)
+	}
+	if e.Type == "chunk" {
+		if b.last == nil {
+			return fmt.Errorf("TOC entry %d: chunk of %q follows no regular file", i, e.Name)
 		}
-		if e.Type == "chunk" {
-			if last == nil {
-				return fmt.Errorf("TOC entry %d: chunk of %q follows no regular file", i, e.Name)
-			}
-			if err := addChunk(last, e); err != nil {
-				return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
-			}
-			continue
+		if err := addChunk(b.last, e); err != nil {
+			return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
 		}
-		if last != nil {
-			if err := checkTiling(last); err != nil {
-				return b.entryErr(lastAt, err)
-			}
-		}
-		last = nil
-		n, err := b.entry(e)
-		if err != nil {
-			return b.entryErr(i, err)
-		}
-		if len(b.regAt) < len(b.regs) {
-			b.regAt = append(b.regAt, i)
-		}
-		if n != nil && n.Type == metadata.TypeReg && e.Type == "reg" && n.Size > 0 {
-			if err := addChunk(n, e); err != nil {
-				return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
-			}
-			last, lastAt = n, i
+		return nil
+	}
+	if b.last != nil {
+		if err := checkTiling(b.last); err != nil {
+			return entryErr(b.lastAt, b.lastName, err)
 		}
 	}
-	if last != nil {
-		if err := checkTiling(last); err != nil {
-			return b.entryErr(lastAt, err)
+	b.last = nil
+	n, err := b.entry(e)
+	if err != nil {
+		return entryErr(i, e.Name, err)
+	}
+	if len(b.regAt) < len(b.regs) {
+		b.regAt = append(b.regAt, i)
+		b.regName = append(b.regName, e.Name)
+	}
+	if n != nil && n.Type == metadata.TypeReg && e.Type == "reg" && n.Size > 0 {
+		if err := addChunk(n, e); err != nil {
+			return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
 		}
+		b.last, b.lastAt, b.lastName = n, i, e.Name
 	}
 	return nil
 }
 
+// finish checks what only the whole TOC tells and returns the tree.
+func (b *builder) finish() (*Tree, error) {
+	if b.last != nil {
+		if err := checkTiling(b.last); err != nil {
+			return nil, entryErr(b.lastAt, b.lastName, err)
+		}
+	}
+	if err := b.offsets(); err != nil {
+		return nil, err
+	}
+	return b.tree(), nil
+}
+
 // entryErr names TOC entry i in err.
-func (b *builder) entryErr(i int, err error) error {
-	return fmt.Errorf("TOC entry %d (%q): %w", i, b.toc.Entries[i].Name, err)
+func entryErr(i int, name string, err error) error {
+	return fmt.Errorf("TOC entry %d (%q): %w", i, name, err)
 }
 
 // cleanName checks a TOC path and returns it without "./" prefix or "/" suffix.
@@ -375,7 +397,7 @@ func setAttrs(n *metadata.Node, e *estargz.TOCEntry) error {
 			}
 			n.Digest = d.String()
 		} else {
-			n.Digest = digest.SHA256.FromString("").String()
+			n.Digest = emptyDigest
 		}
 	}
 	return nil
@@ -436,29 +458,34 @@ func (b *builder) offsets() error {
 	chunk := func(r ref) *metadata.Chunk { return &b.regs[r.n].Chunks[r.c] }
 	for i := range all {
 		c := chunk(all[i])
-		if c.Offset >= b.toc.Offset {
-			return b.entryErr(b.regAt[all[i].n], fmt.Errorf("chunk data at %d is not before the TOC at %d", c.Offset, b.toc.Offset))
+		if c.Offset >= b.tocOffset {
+			return b.regErr(all[i].n, fmt.Errorf("chunk data at %d is not before the TOC at %d", c.Offset, b.tocOffset))
 		}
 		if i > 0 {
 			prev := chunk(all[i-1])
 			if c.Offset < prev.Offset || (c.Offset == prev.Offset && c.InnerOffset < prev.InnerOffset+prev.Size) {
-				return b.entryErr(b.regAt[all[i].n], fmt.Errorf("chunk data at %d+%d overlaps or precedes the previous chunk at %d+%d",
+				return b.regErr(all[i].n, fmt.Errorf("chunk data at %d+%d overlaps or precedes the previous chunk at %d+%d",
 					c.Offset, c.InnerOffset, prev.Offset, prev.InnerOffset))
 			}
 		}
 	}
-	end := b.toc.Offset
+	end := b.tocOffset
 	for i := len(all) - 1; i >= 0; i-- {
 		c := chunk(all[i])
 		c.End = end
 		if c.End-c.Offset > maxChunkSpan {
-			return b.entryErr(b.regAt[all[i].n], fmt.Errorf("chunk data at %d spans %d compressed bytes, more than %d", c.Offset, c.End-c.Offset, maxChunkSpan))
+			return b.regErr(all[i].n, fmt.Errorf("chunk data at %d spans %d compressed bytes, more than %d", c.Offset, c.End-c.Offset, maxChunkSpan))
 		}
 		if i == 0 || chunk(all[i-1]).Offset != c.Offset {
 			end = c.Offset
 		}
 	}
 	return nil
+}
+
+// regErr names the TOC entry of regular file i (of b.regs) in err.
+func (b *builder) regErr(i int, err error) error {
+	return entryErr(b.regAt[i], b.regName[i], err)
 }
 
 func (b *builder) tree() *Tree {

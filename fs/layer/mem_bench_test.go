@@ -103,11 +103,7 @@ func BenchmarkImportManyEmptyFiles(b *testing.B) {
 			b.Fatal(err)
 		}
 		peak = max(peak, peakHeap(func() {
-			toc, err := layer.ReadTOC(context.Background(), bytes.NewReader(blob.Data), int64(len(blob.Data)), layer.Pin{TOCDigest: blob.TOCDigest})
-			if err != nil {
-				b.Fatal(err)
-			}
-			tree, err := layer.Build(toc)
+			_, tree, err := layer.ReadTree(context.Background(), bytes.NewReader(blob.Data), int64(len(blob.Data)), layer.Pin{TOCDigest: blob.TOCDigest})
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"path"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -236,6 +237,17 @@ func TestRoundTrip(t *testing.T) {
 			tree, err := layer.Build(toc)
 			if err != nil {
 				t.Fatalf("Build: %v", err)
+			}
+			// What the mount uses: the same TOC and tree in one pass.
+			streamed, streamedTree, err := layer.ReadTree(ctx, bytes.NewReader(blob), int64(len(blob)), pin)
+			if err != nil {
+				t.Fatalf("ReadTree: %v", err)
+			}
+			if streamed.Digest != toc.Digest || streamed.Format != toc.Format || streamed.Offset != toc.Offset || streamed.Entries != nil {
+				t.Errorf("ReadTree's TOC %+v, ReadTOC's digest %s format %s offset %d", streamed, toc.Digest, toc.Format, toc.Offset)
+			}
+			if !reflect.DeepEqual(streamedTree, tree) {
+				t.Error("ReadTree built another tree than ReadTOC and Build")
 			}
 
 			db, err := metadata.Open(t.TempDir() + "/meta.db")

@@ -110,6 +110,47 @@ func decompressorOf(f Format) (decompressor, error) {
 // ReadTOC reads the footer and TOC of a blob of the given size through r
 // and checks the TOC against pin. It reads only the blob's tail.
 func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, error) {
+	var entries []*estargz.TOCEntry
+	toc, err := readTOC(ctx, r, size, pin, func(Format, int64) entrySink {
+		return func(_ int, e *estargz.TOCEntry) error {
+			entries = append(entries, e)
+			return nil
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	toc.Entries = entries
+	return toc, nil
+}
+
+// ReadTree is ReadTOC and Build in one pass: each entry goes into the tree
+// as it is decoded, so the decoded TOC is never held whole and memory
+// grows with the tree, not with the TOC's JSON (a layer of 200,000 files
+// has a TOC of 40 MB). The tree is returned only once the whole TOC
+// matched pin. The TOC it returns has no Entries.
+func ReadTree(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, *Tree, error) {
+	var b *builder
+	toc, err := readTOC(ctx, r, size, pin, func(_ Format, off int64) entrySink {
+		b = newBuilder(off)
+		return b.add
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	tree, err := b.finish()
+	if err != nil {
+		return nil, nil, err
+	}
+	return toc, tree, nil
+}
+
+// entrySink takes the TOC's entries in order as they are decoded.
+type entrySink func(i int, e *estargz.TOCEntry) error
+
+// readTOC finds, reads and verifies the TOC, handing its entries to the
+// sink newSink returns for the format and TOC offset the footer gives.
+func readTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin, newSink func(f Format, tocOff int64) entrySink) (*TOC, error) {
 	if pin.TOCDigest == "" && pin.CompressedTOCDesc == "" {
 		return nil, errors.New("no TOC digest annotation to verify the TOC against")
 	}
@@ -163,12 +204,12 @@ func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, err
 				return nil, fmt.Errorf("%w: compressed TOC hashes to %s, the manifest says %s", ErrTOCMismatch, got, pin.CompressedTOCDesc)
 			}
 		}
-		toc, err := decodeTOC(d, raw)
+		toc, err := decodeTOC(d, raw, newSink(f, tocOff))
+		if toc != nil && pin.TOCDigest != "" && toc.Digest != pin.TOCDigest {
+			return nil, fmt.Errorf("%w: TOC hashes to %s, the manifest says %s", ErrTOCMismatch, toc.Digest, pin.TOCDigest)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%s TOC: %w", f, err)
-		}
-		if pin.TOCDigest != "" && toc.Digest != pin.TOCDigest {
-			return nil, fmt.Errorf("%w: TOC hashes to %s, the manifest says %s", ErrTOCMismatch, toc.Digest, pin.TOCDigest)
 		}
 		toc.Format, toc.Offset = f, tocOff
 		return toc, nil
@@ -212,8 +253,12 @@ func readAt(r io.ReaderAt, p []byte, off int64) error {
 	return err
 }
 
-// decodeTOC decompresses and decodes a TOC, bounding the JSON it inflates to.
-func decodeTOC(d decompressor, raw []byte) (*TOC, error) {
+// decodeTOC decompresses and decodes a TOC, bounding the JSON it inflates
+// to, and hands each entry to add as soon as it is decoded. Whether or not
+// decoding fails, the TOC it returns has the digest of the whole JSON
+// document when that could be read: a TOC that is not the one the manifest
+// pins is reported as such, not as whatever is wrong inside it.
+func decodeTOC(d decompressor, raw []byte, add entrySink) (*TOC, error) {
 	rc, err := d.DecompressTOC(bytes.NewReader(raw))
 	if err != nil {
 		return nil, fmt.Errorf("decompress: %w", err)
@@ -221,21 +266,81 @@ func decodeTOC(d decompressor, raw []byte) (*TOC, error) {
 	defer rc.Close()
 	h := sha256.New()
 	lr := &io.LimitedReader{R: rc, N: maxTOCJSON + 1}
-	var jtoc estargz.JTOC
 	dec := json.NewDecoder(io.TeeReader(lr, h))
-	if err := dec.Decode(&jtoc); err != nil {
-		if lr.N <= 0 {
-			return nil, fmt.Errorf("TOC JSON exceeds %d bytes", maxTOCJSON)
-		}
-		return nil, fmt.Errorf("decode JSON: %w", err)
-	}
+	decodeErr := decodeEntries(dec, add)
 	// The digest covers the whole JSON document, including what the
 	// decoder had not consumed yet (trailing whitespace).
 	if _, err := io.Copy(h, lr); err != nil {
-		return nil, fmt.Errorf("read: %w", err)
+		return nil, errors.Join(decodeErr, fmt.Errorf("read: %w", err))
 	}
 	if lr.N <= 0 {
 		return nil, fmt.Errorf("TOC JSON exceeds %d bytes", maxTOCJSON)
 	}
-	return &TOC{Digest: digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(h.Sum(nil))), Entries: jtoc.Entries}, nil
+	return &TOC{Digest: digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(h.Sum(nil)))}, decodeErr
+}
+
+// decodeEntries walks the TOC object ({"version": 1, "entries": [...]})
+// token by token and decodes one entry at a time: json.Decoder.Decode of
+// the whole object would buffer all of its JSON and then hold every entry
+// decoded. Keys match as encoding/json matches them (case-insensitively);
+// other keys are skipped; a second "entries" is refused rather than
+// letting one of them win.
+func decodeEntries(dec *json.Decoder, add entrySink) error {
+	if err := expectDelim(dec, '{'); err != nil {
+		return err
+	}
+	seen, n := false, 0
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return fmt.Errorf("decode JSON: %w", err)
+		}
+		key, _ := tok.(string)
+		if !strings.EqualFold(key, "entries") {
+			var skip json.RawMessage
+			if err := dec.Decode(&skip); err != nil {
+				return fmt.Errorf("decode JSON: %q: %w", key, err)
+			}
+			continue
+		}
+		if seen {
+			return errors.New("decode JSON: two \"entries\" lists")
+		}
+		seen = true
+		tok, err = dec.Token()
+		if err != nil {
+			return fmt.Errorf("decode JSON: %w", err)
+		}
+		if tok == nil {
+			continue // "entries": null, as encoding/json reads it
+		}
+		if d, ok := tok.(json.Delim); !ok || d != '[' {
+			return fmt.Errorf("decode JSON: \"entries\" is not a list")
+		}
+		for dec.More() {
+			var e *estargz.TOCEntry // a null entry stays nil: Build refuses it
+			if err := dec.Decode(&e); err != nil {
+				return fmt.Errorf("decode JSON: entry %d: %w", n, err)
+			}
+			if err := add(n, e); err != nil {
+				return err
+			}
+			n++
+		}
+		if err := expectDelim(dec, ']'); err != nil {
+			return err
+		}
+	}
+	return expectDelim(dec, '}')
+}
+
+func expectDelim(dec *json.Decoder, want json.Delim) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return fmt.Errorf("decode JSON: %w", err)
+	}
+	if d, ok := tok.(json.Delim); !ok || d != want {
+		return fmt.Errorf("decode JSON: %v where %q belongs", tok, want)
+	}
+	return nil
 }

@@ -285,3 +285,53 @@ func TestReadTOCNeverPanicsOnCorruptTail(t *testing.T) {
 		}
 	}
 }
+
+// TestReadTreeDecodesTheTOCObject checks the token-by-token decoding the
+// streaming read uses against what encoding/json accepts, and that a TOC
+// the manifest does not pin is reported as a mismatch whatever else is
+// wrong with it.
+func TestReadTreeDecodesTheTOCObject(t *testing.T) {
+	entry := `{"name":"a","type":"reg","size":0,"mode":420}`
+	for _, tc := range []struct {
+		name, json string
+		files      int    // nodes besides the root, when accepted
+		message    string // in the error, when refused
+	}{
+		{name: "plain", json: `{"version":1,"entries":[` + entry + `]}`, files: 1},
+		{name: "unknown keys skipped", json: `{"x":{"y":[1,2,{}]},"entries":[` + entry + `],"z":null}`, files: 1},
+		{name: "key case as encoding/json", json: `{"Entries":[` + entry + `]}`, files: 1},
+		{name: "no entries", json: `{"version":1}`},
+		{name: "null entries", json: `{"entries":null}`},
+		{name: "two entries lists", json: `{"entries":[` + entry + `],"entries":[]}`, message: "two"},
+		{name: "entries not a list", json: `{"entries":{"name":"a"}}`, message: "not a list"},
+		{name: "null entry", json: `{"entries":[null]}`, message: "null"},
+		{name: "not an object", json: `[` + entry + `]`, message: "decode JSON"},
+		{name: "truncated", json: `{"entries":[` + entry, message: "decode JSON"},
+		{name: "entry of the wrong shape", json: `{"entries":[{"name":7}]}`, message: "entry 0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			blob, pin := estargzWithTOCJSON(t, []byte(tc.json))
+			_, tree, err := layer.ReadTree(context.Background(), bytes.NewReader(blob), int64(len(blob)), pin)
+			if tc.message != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.message) {
+					t.Fatalf("error %v, want one saying %q", err, tc.message)
+				}
+				if errors.Is(err, layer.ErrTOCMismatch) {
+					t.Errorf("a pinned TOC reported as a mismatch: %v", err)
+				}
+				// Unpinned, the same bytes are a mismatch before anything else.
+				_, _, err = layer.ReadTree(context.Background(), bytes.NewReader(blob), int64(len(blob)), layer.Pin{TOCDigest: digest.FromString("other")})
+				if !errors.Is(err, layer.ErrTOCMismatch) {
+					t.Errorf("unpinned malformed TOC: %v, want a mismatch", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := len(tree.Nodes) - 1; got != tc.files {
+				t.Errorf("%d nodes besides the root, want %d", got, tc.files)
+			}
+		})
+	}
+}
