@@ -32,6 +32,7 @@ commands:
   image profile pull REF          merge the profiles attached to REF into the daemon's
   store stats [flags]             show the shared store: objects, bytes, dedup, per image
   store gc [flags]                trim the shared store to a size
+  health [--address SOCK]         exit 0 if the daemon answers containerd's snapshots API
   version                         print the version
 
 Run "lazycas image convert -h" or "lazycas image pull -h" for their flags.
@@ -83,6 +84,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return storeStats(ctx, args[2:], stdout, stderr)
 	case args[0] == "store" && len(args) > 1 && args[1] == "gc":
 		return storeGC(ctx, args[2:], stdout, stderr)
+	case args[0] == "health":
+		return health(ctx, args[1:], stdout, stderr)
 	case args[0] == "-h" || args[0] == "--help" || args[0] == "help":
 		fmt.Fprint(stdout, usage)
 		return nil
