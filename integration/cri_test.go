@@ -100,15 +100,7 @@ func testCRI(t *testing.T, containerd2 bool) {
 		}
 		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
 	}})
-	hostDir := filepath.Join(hosts, env.RegistryHost)
-	if err := os.MkdirAll(hostDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
-		"http://"+env.RegistryHost, "http://"+env.RegistryHost)
-	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeCRIHosts(t, hosts, env.RegistryHost)
 	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
 		t.Fatal(err)
 	}

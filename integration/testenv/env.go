@@ -63,6 +63,16 @@ type Options struct {
 	// tables, in the schema of the containerd that runs (1.6's version 2,
 	// 2.x's version 3).
 	CRIConfig func(e *Env) string
+	// NoDaemon starts no lazycas daemon: the caller runs one (in a
+	// container, say) on DaemonRoot, serving DaemonAddress, which is then
+	// in a directory of its own (DaemonSocketDir) so that it can be
+	// mounted as a whole. DaemonRoot is then a shared mount, as a systemd
+	// host's / is, so that a container's Bidirectional (rshared) mount of
+	// it propagates its mounts back to the host and a HostToContainer
+	// (rslave) one receives them. Close still stops
+	// everything: containers in every namespace with their shims, holders,
+	// and every mount under the environment's directories.
+	NoDaemon bool
 	// Logf receives progress messages; nil discards them.
 	Logf func(format string, args ...any)
 }
@@ -84,6 +94,9 @@ type Env struct {
 	ContainerdAddress string
 	// DaemonAddress is lazycas's socket; DaemonRoot its root directory.
 	DaemonAddress, DaemonRoot string
+	// HostsDir is the containerd hosts directory (hosts.toml) through
+	// which the daemon reaches the registry over plain HTTP.
+	HostsDir string
 	// Namespace is the containerd namespace of Context.
 	Namespace string
 	// Client is connected to containerd, with Namespace as its default.
@@ -101,6 +114,10 @@ type Env struct {
 
 // daemonRootName is the daemon's root directory in the work directory.
 const daemonRootName = "lazycas"
+
+// daemonSocketDirName is, with Options.NoDaemon, the directory in RunDir
+// holding the daemon's sockets.
+const daemonSocketDirName = "lazycas"
 
 // Log files in the work directory, one per daemon.
 const (
@@ -156,6 +173,13 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 		{"registry", e.startRegistry},
 		{"lazycas daemon", e.startDaemon},
 		{"containerd", e.startContainerd},
+	}
+	if opts.NoDaemon {
+		e.DaemonAddress = filepath.Join(runDir, daemonSocketDirName, "lazycas.sock")
+		steps[1] = struct {
+			what string
+			fn   func(context.Context) error
+		}{"shared mounts for a containerized daemon", e.prepareNoDaemon}
 	}
 	for _, s := range steps {
 		start := time.Now()
