@@ -59,6 +59,15 @@ type crictl struct {
 
 func (c crictl) run(ctx context.Context, args ...string) string {
 	c.t.Helper()
+	out, err := c.try(ctx, args...)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return out
+}
+
+// try is run, returning the failure instead of failing the test.
+func (c crictl) try(ctx context.Context, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
 	all := append([]string{"--config", "/dev/null", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "2m"}, args...)
@@ -67,9 +76,9 @@ func (c crictl) run(ctx context.Context, args ...string) string {
 	cmd.Stderr = &stderr // warnings, apart from the answer
 	out, err := cmd.Output()
 	if err != nil {
-		c.t.Fatalf("crictl %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+		return strings.TrimSpace(string(out)), fmt.Errorf("crictl %s: %w\n%s%s", strings.Join(args, " "), err, out, stderr.String())
 	}
-	return strings.TrimSpace(string(out))
+	return strings.TrimSpace(string(out)), nil
 }
 
 // TestCRIRunsALazyImage drives containerd's CRI plugin with crictl, as

@@ -156,8 +156,8 @@ func (e *Env) DaemonSocketDir() string { return filepath.Dir(e.DaemonAddress) }
 
 // prepareNoDaemon readies the environment for a daemon the caller runs
 // (Options.NoDaemon): the hosts directory, the socket directory, and
-// DaemonRoot as a shared mount. Close unmounts it with everything else
-// under the environment's directories.
+// DaemonRoot and RunDir as shared mounts. Close unmounts them with
+// everything else under the environment's directories.
 func (e *Env) prepareNoDaemon(context.Context) error {
 	if _, err := e.writeHostsDir(); err != nil {
 		return err
@@ -168,7 +168,12 @@ func (e *Env) prepareNoDaemon(context.Context) error {
 	if err := os.MkdirAll(e.DaemonRoot, 0o700); err != nil {
 		return err
 	}
-	return makeShared(e.DaemonRoot)
+	for _, d := range []string{e.DaemonRoot, e.RunDir} {
+		if err := makeShared(d); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // makeShared bind-mounts dir onto itself and makes the mount shared: a

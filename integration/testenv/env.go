@@ -66,10 +66,11 @@ type Options struct {
 	// NoDaemon starts no lazycas daemon: the caller runs one (in a
 	// container, say) on DaemonRoot, serving DaemonAddress, which is then
 	// in a directory of its own (DaemonSocketDir) so that it can be
-	// mounted as a whole. DaemonRoot is then a shared mount, as a systemd
-	// host's / is, so that a container's Bidirectional (rshared) mount of
-	// it propagates its mounts back to the host and a HostToContainer
-	// (rslave) one receives them. Close still stops
+	// mounted as a whole. DaemonRoot and RunDir are then shared mounts, as
+	// a systemd host's / and /run are, so that a container's Bidirectional
+	// (rshared) mount of the root propagates its mounts back to the host
+	// and a HostToContainer (rslave) one receives them (CRI refuses those
+	// propagations on a private mount). Close still stops
 	// everything: containers in every namespace with their shims, holders,
 	// and every mount under the environment's directories.
 	NoDaemon bool
