@@ -41,6 +41,8 @@ func TestCommandLineErrors(t *testing.T) {
 		{"both platform flags", []string{"image", "convert", "--platform", "linux/arm64", "--all-platforms", "a", "b"}, false, "exclude each other"},
 		{"a missing prefetch list", []string{"image", "convert", "--prefetch", "/nonexistent/list", "a", "b"}, false, "--prefetch"},
 		{"pull without containerd", []string{"image", "pull", "--address", "/nonexistent/containerd.sock", "busybox"}, false, "/nonexistent/containerd.sock"},
+		{"health without a daemon", []string{"health", "--address", "/nonexistent/lazycas.sock", "--timeout", "2s"}, false, "/nonexistent/lazycas.sock"},
+		{"health with an argument", []string{"health", "extra"}, false, "no arguments"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
