@@ -55,6 +55,9 @@ type crictl struct {
 	t    *testing.T
 	bin  string
 	sock string
+	// image is the image service's socket when it is not containerd's
+	// (lazycas's CRI proxy).
+	image string
 }
 
 func (c crictl) run(ctx context.Context, args ...string) string {
@@ -66,17 +69,21 @@ func (c crictl) run(ctx context.Context, args ...string) string {
 	return out
 }
 
-// try is run, returning the failure instead of failing the test.
+// try runs crictl and returns its output, or an error with its stderr.
 func (c crictl) try(ctx context.Context, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
-	all := append([]string{"--config", "/dev/null", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock, "--timeout", "2m"}, args...)
+	image := c.image
+	if image == "" {
+		image = c.sock
+	}
+	all := append([]string{"--config", "/dev/null", "--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + image, "--timeout", "2m"}, args...)
 	cmd := exec.CommandContext(ctx, c.bin, all...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr // warnings, apart from the answer
 	out, err := cmd.Output()
 	if err != nil {
-		return strings.TrimSpace(string(out)), fmt.Errorf("crictl %s: %w\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+		return "", fmt.Errorf("crictl %s: %w\n%s%s", strings.Join(args, " "), err, out, stderr.String())
 	}
 	return strings.TrimSpace(string(out)), nil
 }
@@ -109,7 +116,15 @@ func testCRI(t *testing.T, containerd2 bool) {
 		}
 		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
 	}})
-	writeCRIHosts(t, hosts, env.RegistryHost)
+	hostDir := filepath.Join(hosts, env.RegistryHost)
+	if err := os.MkdirAll(hostDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
+		"http://"+env.RegistryHost, "http://"+env.RegistryHost)
+	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
 		t.Fatal(err)
 	}

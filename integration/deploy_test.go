@@ -77,7 +77,7 @@ func testDeploy(t *testing.T, containerd2 bool) {
 		}
 		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", criHosts)
 	}})
-	writeCRIHosts(t, criHosts, env.RegistryHost)
+	writeDeployHostsToml(t, criHosts, env.RegistryHost, env.RegistryHost)
 	// Before the environment's Close (cleanups run last first): the
 	// containers on lazycas go while it still serves their snapshots.
 	t.Cleanup(func() { removeDeployContainers(t, env) })
@@ -271,16 +271,9 @@ func buildDeployImage(ctx context.Context, t *testing.T, tag string) string {
 	return archive
 }
 
-// writeCRIHosts gives containerd's CRI a hosts.toml for the plain-HTTP
-// registry at host.
-func writeCRIHosts(t *testing.T, dir, host string) {
-	t.Helper()
-	writeHostsToml(t, dir, host, host)
-}
-
-// writeHostsToml makes registry host served by the plain-HTTP registry at
-// server, in the hosts directory dir.
-func writeHostsToml(t *testing.T, dir, host, server string) {
+// writeDeployHostsToml makes registry host served by the plain-HTTP
+// registry at server, in the containerd hosts directory dir.
+func writeDeployHostsToml(t *testing.T, dir, host, server string) {
 	t.Helper()
 	hostDir := filepath.Join(dir, host)
 	if err := os.MkdirAll(hostDir, 0o755); err != nil {

@@ -30,9 +30,9 @@ commands:
   image profile push REF          attach the daemon's profiles of REF's layers to REF
                                   in its registry (an OCI artifact referring to it)
   image profile pull REF          merge the profiles attached to REF into the daemon's
+  health [--address SOCK]         exit 0 if the daemon answers containerd's snapshots API
   store stats [flags]             show the shared store: objects, bytes, dedup, per image
   store gc [flags]                trim the shared store to a size
-  health [--address SOCK]         exit 0 if the daemon answers containerd's snapshots API
   version                         print the version
 
 Run "lazycas image convert -h" or "lazycas image pull -h" for their flags.

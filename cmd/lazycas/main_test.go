@@ -35,14 +35,14 @@ func TestCommandLineErrors(t *testing.T) {
 	}{
 		{"no command", nil, true, ""},
 		{"an unknown command", []string{"frobnicate"}, true, ""},
+		{"health without a daemon", []string{"health", "--address", "/nonexistent/lazycas.sock", "--timeout", "2s"}, false, "/nonexistent/lazycas.sock"},
+		{"health with an argument", []string{"health", "extra"}, false, "no arguments"},
 		{"convert without DST", []string{"image", "convert", "a"}, true, ""},
 		{"an unknown format", []string{"image", "convert", "--format", "squashfs", "a", "b"}, false, `unknown format "squashfs"`},
 		{"a bad source reference", []string{"image", "convert", "UPPER", "b"}, false, `invalid image reference "UPPER"`},
 		{"both platform flags", []string{"image", "convert", "--platform", "linux/arm64", "--all-platforms", "a", "b"}, false, "exclude each other"},
 		{"a missing prefetch list", []string{"image", "convert", "--prefetch", "/nonexistent/list", "a", "b"}, false, "--prefetch"},
 		{"pull without containerd", []string{"image", "pull", "--address", "/nonexistent/containerd.sock", "busybox"}, false, "/nonexistent/containerd.sock"},
-		{"health without a daemon", []string{"health", "--address", "/nonexistent/lazycas.sock", "--timeout", "2s"}, false, "/nonexistent/lazycas.sock"},
-		{"health with an argument", []string{"health", "extra"}, false, "no arguments"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer

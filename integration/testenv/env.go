@@ -53,16 +53,6 @@ type Options struct {
 	// Containerd2 runs containerd Containerd2Version (built once into the
 	// test cache, see BuildContainerd2) instead of Debian's 1.6.
 	Containerd2 bool
-	// ProxySnapshotters are more snapshotters containerd reaches as proxy
-	// plugins, besides lazycas: daemons the caller runs (the benchmark's
-	// peers). containerd's garbage collector removes every snapshot of
-	// theirs that its own metadata does not list.
-	ProxySnapshotters []ProxySnapshotter
-	// CRIConfig, when set, enables containerd's CRI plugins with the
-	// config it returns for the started environment: the TOML of their
-	// tables, in the schema of the containerd that runs (1.6's version 2,
-	// 2.x's version 3).
-	CRIConfig func(e *Env) string
 	// NoDaemon starts no lazycas daemon: the caller runs one (in a
 	// container, say) on DaemonRoot, serving DaemonAddress, which is then
 	// in a directory of its own (DaemonSocketDir) so that it can be
@@ -74,6 +64,16 @@ type Options struct {
 	// everything: containers in every namespace with their shims, holders,
 	// and every mount under the environment's directories.
 	NoDaemon bool
+	// ProxySnapshotters are more snapshotters containerd reaches as proxy
+	// plugins, besides lazycas: daemons the caller runs (the benchmark's
+	// peers). containerd's garbage collector removes every snapshot of
+	// theirs that its own metadata does not list.
+	ProxySnapshotters []ProxySnapshotter
+	// CRIConfig, when set, enables containerd's CRI plugins with the
+	// config it returns for the started environment: the TOML of their
+	// tables, in the schema of the containerd that runs (1.6's version 2,
+	// 2.x's version 3).
+	CRIConfig func(e *Env) string
 	// Logf receives progress messages; nil discards them.
 	Logf func(format string, args ...any)
 }
