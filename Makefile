@@ -7,7 +7,7 @@ WITHGO := PATH="$$(cat bin/.go-path):$$PATH"
 GO := $(WITHGO) go
 GOTEST_TIMEOUT ?= 45m
 
-.PHONY: all deps build lint test test-short demo clean bench bench-restart
+.PHONY: all deps build image lint test test-short demo clean bench bench-restart
 
 all: build
 
@@ -18,6 +18,16 @@ deps:
 
 build: deps
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/ ./cmd/...
+
+# The daemon's OCI image (bin/lazycas-image.tar, tagged lazycas:$(VERSION)),
+# built with no container engine from static binaries; load it with
+# `ctr -n k8s.io images import bin/lazycas-image.tar` or push it with any OCI
+# tool. See script/deploy/README.md.
+IMAGE_TAG ?= lazycas:$(VERSION)
+image: deps
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/image/ ./cmd/...
+	$(GO) run ./script/image -version $(VERSION) -tag $(IMAGE_TAG) \
+		-daemon bin/image/containerd-lazycas-grpc -cli bin/image/lazycas -out bin/lazycas-image.tar
 
 lint: deps
 	$(GO) vet ./...

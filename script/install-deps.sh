@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing lazycas needs on Debian 12, as root:
 # containerd + runc, fuse3, a registry, debootstrap and busybox-static for the
-# test images, promtool (Debian's prometheus) to check metrics scrapes, and a
+# test images, promtool (Debian's prometheus) to check metrics scrapes, kubectl
+# (when there is none) for the deploy manifests, and a
 # Go toolchain new enough for go.mod. Idempotent: it installs
 # only what is missing. Prints the Go binary's directory on its last line.
 set -euo pipefail
@@ -19,6 +20,12 @@ missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# kubectl builds the Kubernetes manifests' Kustomize base in a test: Debian's
+# kubernetes-client, unless a kubectl is already installed (another package
+# owning /usr/bin/kubectl, e.g. google-cloud-sdk's, would conflict with it).
+if ! command -v kubectl >/dev/null; then
+	dpkg-query -W -f='${Status}' kubernetes-client 2>/dev/null | grep -q "install ok installed" || missing+=(kubernetes-client)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
 	echo "install-deps: installing ${missing[*]}" >&2
 	apt-get update -qq

@@ -30,6 +30,7 @@ commands:
   image profile push REF          attach the daemon's profiles of REF's layers to REF
                                   in its registry (an OCI artifact referring to it)
   image profile pull REF          merge the profiles attached to REF into the daemon's
+  health [--address SOCK]         exit 0 if the daemon answers containerd's snapshots API
   store stats [flags]             show the shared store: objects, bytes, dedup, per image
   store gc [flags]                trim the shared store to a size
   version                         print the version (also --version)
@@ -85,6 +86,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return storeStats(ctx, args[2:], stdout, stderr)
 	case args[0] == "store" && len(args) > 1 && args[1] == "gc":
 		return storeGC(ctx, args[2:], stdout, stderr)
+	case args[0] == "health":
+		return health(ctx, args[1:], stdout, stderr)
 	case args[0] == "-h" || args[0] == "--help" || args[0] == "help":
 		fmt.Fprint(stdout, usage)
 		return nil

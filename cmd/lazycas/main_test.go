@@ -35,6 +35,8 @@ func TestCommandLineErrors(t *testing.T) {
 	}{
 		{"no command", nil, true, ""},
 		{"an unknown command", []string{"frobnicate"}, true, ""},
+		{"health without a daemon", []string{"health", "--address", "/nonexistent/lazycas.sock", "--timeout", "2s"}, false, "/nonexistent/lazycas.sock"},
+		{"health with an argument", []string{"health", "extra"}, false, "no arguments"},
 		{"convert without DST", []string{"image", "convert", "a"}, true, ""},
 		{"an unknown format", []string{"image", "convert", "--format", "squashfs", "a", "b"}, false, `unknown format "squashfs"`},
 		{"a bad source reference", []string{"image", "convert", "UPPER", "b"}, false, `invalid image reference "UPPER"`},

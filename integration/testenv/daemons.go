@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -133,18 +134,8 @@ func (e *Env) startDaemon(ctx context.Context) error {
 		content += fmt.Sprintf("\n[containerd]\naddress = %q\n", e.ContainerdAddress)
 	}
 	if !strings.Contains(content, "[remote]") {
-		// containerd records where a blob came from without the registry's
-		// port (containerd.io/distribution.source.127.0.0.1=python), so a
-		// label-less lazy pull reaches a registry on another port only
-		// through a hosts.toml for the bare host name, as on a real node.
-		hostsDir := filepath.Join(e.Dir, "hosts.d")
-		host, _, _ := strings.Cut(e.RegistryHost, ":")
-		if err := os.MkdirAll(filepath.Join(hostsDir, host), 0o755); err != nil {
-			return err
-		}
-		hosts := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
-			"http://"+e.RegistryHost, "http://"+e.RegistryHost)
-		if err := os.WriteFile(filepath.Join(hostsDir, host, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+		hostsDir, err := e.writeHostsDir()
+		if err != nil {
 			return err
 		}
 		content += fmt.Sprintf("\n[remote]\nconfig_path = %q\n", hostsDir)
@@ -180,6 +171,65 @@ func (e *Env) startDaemon(ctx context.Context) error {
 		}
 		return c.Close()
 	})
+}
+
+// writeHostsDir writes the registry's hosts.toml into HostsDir and
+// returns HostsDir. containerd records where a blob came from without the
+// registry's port (containerd.io/distribution.source.127.0.0.1=python), so
+// a label-less lazy pull reaches a registry on another port only through a
+// hosts.toml for the bare host name, as on a real node.
+func (e *Env) writeHostsDir() (string, error) {
+	hostsDir := filepath.Join(e.Dir, "hosts.d")
+	host, _, _ := strings.Cut(e.RegistryHost, ":")
+	if err := os.MkdirAll(filepath.Join(hostsDir, host), 0o755); err != nil {
+		return "", err
+	}
+	hosts := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
+		"http://"+e.RegistryHost, "http://"+e.RegistryHost)
+	if err := os.WriteFile(filepath.Join(hostsDir, host, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+		return "", err
+	}
+	e.HostsDir = hostsDir
+	return hostsDir, nil
+}
+
+// DaemonSocketDir is the directory of the daemon's sockets (its snapshots
+// and API sockets), with Options.NoDaemon one of its own in RunDir.
+func (e *Env) DaemonSocketDir() string { return filepath.Dir(e.DaemonAddress) }
+
+// prepareNoDaemon readies the environment for a daemon the caller runs
+// (Options.NoDaemon): the hosts directory, the socket directory, and
+// DaemonRoot and RunDir as shared mounts. Close unmounts them with
+// everything else under the environment's directories.
+func (e *Env) prepareNoDaemon(context.Context) error {
+	if _, err := e.writeHostsDir(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(e.DaemonSocketDir(), 0o711); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(e.DaemonRoot, 0o700); err != nil {
+		return err
+	}
+	for _, d := range []string{e.DaemonRoot, e.RunDir} {
+		if err := makeShared(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// makeShared bind-mounts dir onto itself and makes the mount shared: a
+// peer group of its own, whatever the propagation of the mount it is on
+// (this machine's / is private).
+func makeShared(dir string) error {
+	if err := syscall.Mount(dir, dir, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s onto itself: %w", dir, err)
+	}
+	if err := syscall.Mount("", dir, "", syscall.MS_SHARED, ""); err != nil {
+		return fmt.Errorf("make %s a shared mount: %w", dir, err)
+	}
+	return nil
 }
 
 // pingDaemon lists the daemon's snapshots directly over its socket; the
@@ -228,6 +278,9 @@ func (e *Env) SetDaemonPath(path string) {
 func (e *Env) RestartDaemon(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.opts.NoDaemon {
+		return errors.New("testenv: the environment runs no daemon (Options.NoDaemon): restart the caller's")
+	}
 	if err := e.daemon.stop(stopGrace); err != nil {
 		return fmt.Errorf("stop lazycas: %w", err)
 	}

@@ -53,6 +53,17 @@ type Options struct {
 	// Containerd2 runs containerd Containerd2Version (built once into the
 	// test cache, see BuildContainerd2) instead of Debian's 1.6.
 	Containerd2 bool
+	// NoDaemon starts no lazycas daemon: the caller runs one (in a
+	// container, say) on DaemonRoot, serving DaemonAddress, which is then
+	// in a directory of its own (DaemonSocketDir) so that it can be
+	// mounted as a whole. DaemonRoot and RunDir are then shared mounts, as
+	// a systemd host's / and /run are, so that a container's Bidirectional
+	// (rshared) mount of the root propagates its mounts back to the host
+	// and a HostToContainer (rslave) one receives them (CRI refuses those
+	// propagations on a private mount). Close still stops
+	// everything: containers in every namespace with their shims, holders,
+	// and every mount under the environment's directories.
+	NoDaemon bool
 	// ProxySnapshotters are more snapshotters containerd reaches as proxy
 	// plugins, besides lazycas: daemons the caller runs (the benchmark's
 	// peers). containerd's garbage collector removes every snapshot of
@@ -91,6 +102,9 @@ type Env struct {
 	ContainerdAddress string
 	// DaemonAddress is lazycas's socket; DaemonRoot its root directory.
 	DaemonAddress, DaemonRoot string
+	// HostsDir is the containerd hosts directory (hosts.toml) through
+	// which the daemon reaches the registry over plain HTTP.
+	HostsDir string
 	// Namespace is the containerd namespace of Context.
 	Namespace string
 	// Client is connected to containerd, with Namespace as its default.
@@ -108,6 +122,10 @@ type Env struct {
 
 // daemonRootName is the daemon's root directory in the work directory.
 const daemonRootName = "lazycas"
+
+// daemonSocketDirName is, with Options.NoDaemon, the directory in RunDir
+// holding the daemon's sockets.
+const daemonSocketDirName = "lazycas"
 
 // Log files in the work directory, one per daemon.
 const (
@@ -163,6 +181,13 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 		{"registry", e.startRegistry},
 		{"lazycas daemon", e.startDaemon},
 		{"containerd", e.startContainerd},
+	}
+	if opts.NoDaemon {
+		e.DaemonAddress = filepath.Join(runDir, daemonSocketDirName, "lazycas.sock")
+		steps[1] = struct {
+			what string
+			fn   func(context.Context) error
+		}{"shared mounts for a containerized daemon", e.prepareNoDaemon}
 	}
 	for _, s := range steps {
 		start := time.Now()
