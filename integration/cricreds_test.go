@@ -114,14 +114,29 @@ func testCRICredentials(t *testing.T, containerd2 bool) {
 	if err := env.RestartDaemon(ctx); err != nil {
 		t.Fatal(err)
 	}
+	checkServedBy(t, proxySock, "lazycas")
 	// Python's start read /usr/lib and /etc, not /usr/share.
 	lazyRead(ctx, t, env, cri, ctrID, "/usr/share/zoneinfo")
 	if err := env.KillDaemon(); err != nil {
 		t.Fatal(err)
 	}
+	// Kubelet must reach an image service while no daemon runs (it asks
+	// one before it starts any container, the daemon's own included): the
+	// holder points the endpoint at containerd once the daemon is gone.
+	deadline = time.Now().Add(15 * time.Second)
+	for !isSymlink(proxySock) {
+		if time.Now().After(deadline) {
+			t.Fatalf("15 s after the daemon was killed, %s is still not the fallback to containerd", proxySock)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out, err := cri.try(ctx, "images", "-q"); err != nil || !strings.Contains(out, "sha256:") {
+		t.Errorf("kubelet's image service endpoint does not answer while the daemon is down: %v %q", err, out)
+	}
 	if err := env.StartDaemonAgain(ctx); err != nil {
 		t.Fatal(err)
 	}
+	checkServedBy(t, proxySock, "lazycas")
 	lazyRead(ctx, t, env, cri, ctrID, "/usr /etc /var")
 
 	cri.run(ctx, "stop", ctrID)
@@ -180,5 +195,23 @@ func lazyRead(ctx context.Context, t *testing.T, env *testenv.Env, cri crictl, c
 	t.Logf("reading every file under %s fetched %d files", dir, fetched)
 	if fetched == 0 {
 		t.Errorf("reading %s read nothing lazily: the credentials were not needed", dir)
+	}
+}
+
+func isSymlink(p string) bool {
+	fi, err := os.Lstat(p)
+	return err == nil && fi.Mode()&os.ModeSymlink != 0
+}
+
+// checkServedBy checks that the image service endpoint is lazycas's own
+// socket, not the fallback to containerd.
+func checkServedBy(t *testing.T, sock, who string) {
+	t.Helper()
+	fi, err := os.Lstat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		t.Errorf("%s is %s, not %s's socket", sock, fi.Mode(), who)
 	}
 }

@@ -38,6 +38,9 @@ func spawnHolder(ctx context.Context, cfg config.Config) error {
 	cmd := exec.Command("/proc/self/exe", HolderCommand,
 		"--socket", cfg.HolderSocket(), "--pid-file", HolderPIDFile(cfg.Root),
 		"--abort-after", cfg.FS.HolderAbortAfter.Duration.String(), "--log-level", cfg.LogLevel)
+	if cfg.CRI.ImageServiceAddress != "" {
+		cmd.Args = append(cmd.Args, "--cri-address", cfg.CRI.ImageServiceAddress, "--containerd-address", cfg.Containerd.Address)
+	}
 	cmd.Args[0] = filepath.Base(os.Args[0])
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = "/"

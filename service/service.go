@@ -48,6 +48,9 @@ type Service struct {
 	// cri.image_service_address is set.
 	cri    *cri.Proxy
 	criSrv *grpc.Server
+	// criAddress and containerd are where the image service is served
+	// and where it falls back to when lazycas stops.
+	criAddress, containerd string
 }
 
 // lazy is what mounting lazy layers takes.
@@ -239,6 +242,7 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 		}
 		s.criSrv = grpc.NewServer()
 		s.cri.Register(s.criSrv)
+		s.criAddress, s.containerd = cfg.CRI.ImageServiceAddress, cfg.Containerd.Address
 	}
 	return s, nil
 }
@@ -269,8 +273,12 @@ func (s *Service) Serve(l net.Listener) error {
 func (s *Service) Shutdown(ctx context.Context, grace time.Duration) error {
 	s.shutdownAPI(ctx)
 	if s.criSrv != nil {
-		// A pull in flight is containerd's to finish; kubelet retries
-		// the call against the next daemon.
+		// Kubelet reaches containerd directly until the next daemon
+		// serves (see service/cri); a pull in flight is cancelled, and
+		// kubelet retries it.
+		if err := cri.Fallback(s.criAddress, s.containerd); err != nil {
+			log.G(ctx).WithError(err).Error("kubelet's image service endpoint left dead: kubelet cannot start containers until lazycas serves it again")
+		}
 		s.criSrv.Stop()
 		s.cri.Close()
 	}

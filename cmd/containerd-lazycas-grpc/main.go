@@ -20,6 +20,7 @@ import (
 	"github.com/lazycas/lazycas/config"
 	"github.com/lazycas/lazycas/fs/fuse/holder"
 	"github.com/lazycas/lazycas/service"
+	"github.com/lazycas/lazycas/service/cri"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -130,11 +131,11 @@ func serve(ctx context.Context, cfg config.Config) error {
 		}()
 	}
 	if cfg.CRI.ImageServiceAddress != "" {
-		cl, err := service.Listen(ctx, cfg.CRI.ImageServiceAddress)
+		cl, err := cri.Listen(ctx, cfg.CRI.ImageServiceAddress)
 		if err != nil {
-			// kubelet's pulls then fail (it names the socket) while
-			// containerd is still served.
-			logger.WithError(err).Error("CRI image service not served")
+			// The path stays what it was (at best the fallback to
+			// containerd): kubelet pulls on, without lazy credentials.
+			logger.WithError(err).Error("CRI image service not served: kubelet's pulls keep no credentials for lazy reads")
 		} else {
 			go func() {
 				if err := svc.ServeCRI(cl); err != nil {
@@ -189,6 +190,8 @@ func runHolder(args []string, stderr io.Writer) error {
 		abortAfter = flags.Duration("abort-after", 5*time.Minute, "give the mounts up when no daemon came back for this long (0: never)")
 		idleExit   = flags.Duration("idle-exit", 30*time.Second, "exit when holding nothing and no daemon connected for this long (0: never)")
 		logLevel   = flags.String("log-level", config.DefaultLogLevel, "trace, debug, info, warn, error, fatal or panic")
+		criAddress = flags.String("cri-address", "", "the daemon's CRI image service socket ([cri] image_service_address): when a daemon dies, point it at containerd's")
+		containerd = flags.String("containerd-address", config.DefaultContainerdAddress, "containerd's socket, which --cri-address falls back to")
 	)
 	if err := flags.Parse(args); err != nil {
 		return err
@@ -210,8 +213,23 @@ func runHolder(args []string, stderr io.Writer) error {
 	signal.Ignore(syscall.SIGHUP)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	var orphaned func()
+	if *criAddress != "" {
+		// A daemon that was killed could not give kubelet's image service
+		// endpoint back to containerd: kubelet could then start no
+		// container, the daemon's own included.
+		orphaned = func() {
+			switched, err := cri.FallbackIfDead(ctx, *criAddress, *containerd)
+			switch {
+			case err != nil:
+				log.G(ctx).WithError(err).Error("cannot point kubelet's image service endpoint at containerd")
+			case switched:
+				log.G(ctx).WithFields(log.Fields{"cri": *criAddress, "containerd": *containerd}).Warn("daemon gone: kubelet's image service endpoint now reaches containerd directly")
+			}
+		}
+	}
 	err := holder.Serve(ctx, holder.ServerOptions{
-		Socket: *socket, PIDFile: *pidFile, AbortAfter: *abortAfter, IdleExit: *idleExit,
+		Socket: *socket, PIDFile: *pidFile, AbortAfter: *abortAfter, IdleExit: *idleExit, Orphaned: orphaned,
 	})
 	if errors.Is(err, holder.ErrRunning) {
 		log.G(ctx).WithField("socket", *socket).Info("a fuse holder already runs here")

@@ -27,6 +27,10 @@ type ServerOptions struct {
 	// IdleExit is how long a holder with nothing to hold waits for a
 	// daemon before it exits. 0 means forever.
 	IdleExit time.Duration
+	// Orphaned, if set, is called (in a goroutine of its own) each time
+	// the last connected daemon goes away: to take over what a daemon
+	// that died cannot put right itself.
+	Orphaned func()
 }
 
 type entry struct {
@@ -183,11 +187,15 @@ func (s *server) handle(ctx context.Context, c *net.UnixConn) {
 		s.mu.Lock()
 		delete(s.conns, c)
 		s.clients--
-		if s.clients == 0 {
+		alone := s.clients == 0
+		if alone {
 			s.orphaned = time.Now()
 		}
 		n := len(s.entries)
 		s.mu.Unlock()
+		if alone && s.opts.Orphaned != nil {
+			go s.opts.Orphaned()
+		}
 		if n > 0 {
 			s.log.WithField("mounts", n).Info("daemon went away: holding its mounts")
 		}
