@@ -94,6 +94,18 @@ func testDeploy(t *testing.T, containerd2 bool) {
 		d.config.Remote.ConfigPath:                env.HostsDir,
 		"/dev/fuse":                               "/dev/fuse",
 	}}
+	// Every image call goes where kubelet's do: the image service
+	// endpoint of the ConfigMap's [cri]. At boot it is the node's
+	// tmpfiles.d symlink to containerd (script/systemd/lazycas.tmpfiles);
+	// lazycas takes it over while it runs.
+	criSock := node.relocate(d.config.CRI.ImageServiceAddress)
+	if err := os.MkdirAll(filepath.Dir(criSock), 0o711); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(env.ContainerdAddress, criSock); err != nil {
+		t.Fatal(err)
+	}
+	cri.image = criSock
 	var pods podRunner
 	if containerd2 {
 		pods = newCRIPods(ctx, node, cri, imageTar, criHosts)
@@ -107,6 +119,7 @@ func testDeploy(t *testing.T, containerd2 bool) {
 
 	ref := convertPython(ctx, t, env, convert.EStargz, testenv.PythonStartupFiles)
 	start := time.Now()
+	checkServedBy(t, criSock, "lazycas")
 	cri.run(ctx, "pull", ref)
 	mounts := lazyMounts(t, env)
 	t.Logf("crictl pull took %s; %d layers mounted lazily, seen on the host", time.Since(start).Round(time.Millisecond), len(mounts))
@@ -150,12 +163,19 @@ func testDeploy(t *testing.T, containerd2 bool) {
 		t.Errorf("the daemon exited %d on SIGTERM:\n%s", code, pods.log(ctx, daemon))
 	}
 	t.Logf("the daemon's pod stopped in %s", time.Since(start).Round(time.Millisecond))
+	// Kubelet asks the image service before it makes the new pod: with
+	// no daemon, the endpoint is containerd's again.
+	if !isSymlink(criSock) {
+		t.Errorf("with the daemon stopped, %s is not the fallback to containerd", criSock)
+	}
+	cri.run(ctx, "images")
 	// Through CRI, the new pod's sandbox and container are made while no
 	// daemon runs: they come from overlayfs (the RuntimeClass), or runp
 	// and create would fail here.
 	daemon = pods.start(ctx, d.daemon, "lazycas-2")
 	node.waitHealthy(ctx, pods, daemon)
 	t.Logf("a new daemon pod serves %s after the old one was stopped", time.Since(start).Round(time.Millisecond))
+	checkServedBy(t, criSock, "lazycas")
 	// The new daemon took the old one's mounts from the holder, across
 	// pods (and pid namespaces), rather than mounting anew.
 	if log := pods.log(ctx, daemon); !strings.Contains(log, "took over the mounts of the last daemon") {
