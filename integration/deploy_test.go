@@ -331,10 +331,23 @@ func removeDeployContainers(t *testing.T, env *testenv.Env) {
 	}
 	sort.SliceStable(all, func(i, j int) bool { return all[i].lazy && !all[j].lazy })
 	for _, e := range all {
-		if task, err := e.c.Task(e.ctx, nil); err == nil {
-			if _, err := task.Delete(e.ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
-				t.Errorf("delete task %s: %v", e.c.ID(), err)
+		// A shim that exits while its task is deleted closes the
+		// connection under the call ("ttrpc: closed"): ask again, a
+		// bounded number of times, until the task is gone.
+		for attempt := 0; ; attempt++ {
+			task, err := e.c.Task(e.ctx, nil)
+			if err != nil {
+				break
 			}
+			_, err = task.Delete(e.ctx, client.WithProcessKill)
+			if err == nil || errdefs.IsNotFound(err) {
+				break
+			}
+			if attempt == 4 {
+				t.Errorf("delete task %s: %v", e.c.ID(), err)
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 		if err := e.c.Delete(e.ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 			t.Errorf("delete container %s: %v", e.c.ID(), err)
