@@ -47,13 +47,14 @@ func testCRICredentials(t *testing.T, containerd2 bool) {
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	proxySock := filepath.Join(sockDir, "cri.sock")
+	metrics := freeAddress(t)
 	auth := &testenv.BasicAuth{User: "kubelet", Password: "pull-" + testenv.UniqueID("secret")}
 	hosts := filepath.Join(t.TempDir(), "cri-hosts.d")
 	env := newEnvWith(t, testenv.Options{
 		RegistryAuth: auth,
 		// Nothing fetched ahead: every file the container reads is read
 		// lazily, after the pull, with the pull's credentials.
-		DaemonConfig: fmt.Sprintf("[fs]\nprefetch = false\nstartup_fetch = false\nbackground_fetch = false\nlearn = false\n\n[cri]\nimage_service_address = %q\n", proxySock),
+		DaemonConfig: fmt.Sprintf("metrics_address = %q\n\n[fs]\nprefetch = false\nstartup_fetch = false\nbackground_fetch = false\nlearn = false\n\n[cri]\nimage_service_address = %q\n", metrics, proxySock),
 		Containerd2:  containerd2,
 		CRIConfig: func(e *testenv.Env) string {
 			if containerd2 {
@@ -138,6 +139,14 @@ func testCRICredentials(t *testing.T, containerd2 bool) {
 	}
 	checkServedBy(t, proxySock, "lazycas")
 	lazyRead(ctx, t, env, cri, ctrID, "/usr /etc /var")
+	// The third daemon pulled nothing: what it has came from the holder.
+	_, fams := scrapeMetrics(ctx, t, metrics)
+	if f := fams["lazycas_cri_credential_repositories"]; f == nil || len(f.Metric) != 1 || f.Metric[0].GetGauge().GetValue() != 2 {
+		t.Errorf("lazycas_cri_credential_repositories after two restarts: %v, want 2 (python and pause)", f)
+	}
+	if f := fams["lazycas_cri_pulls_total"]; f == nil {
+		t.Error("no lazycas_cri_pulls_total in the scrape")
+	}
 
 	cri.run(ctx, "stop", ctrID)
 	cri.run(ctx, "rm", ctrID)

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -25,12 +26,7 @@ import (
 // with promtool and by its figures: what the container did shows.
 func TestMetricsScrape(t *testing.T) {
 	requireIntegration(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeAddress(t)
 	env := newEnvWith(t, testenv.Options{DaemonConfig: fmt.Sprintf("metrics_address = %q\n", addr)})
 	ctx := testContext(t)
 	ref := convertPython(ctx, t, env, convert.EStargz, nil)
@@ -50,34 +46,8 @@ func TestMetricsScrape(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	c := &http.Client{Timeout: 30 * time.Second}
-	resp, err := c.Get("http://" + addr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("scrape: %s, %v", resp.Status, err)
-	}
+	body, fams := scrapeMetrics(ctx, t, addr)
 
-	if promtool, err := exec.LookPath("promtool"); err != nil {
-		t.Errorf("no promtool to check the scrape with (script/install-deps.sh installs Debian's prometheus): %v", err)
-	} else {
-		cmd := exec.CommandContext(ctx, promtool, "check", "metrics")
-		cmd.Stdin = bytes.NewReader(body)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			p := filepath.Join(t.TempDir(), "scrape.txt")
-			_ = os.WriteFile(p, body, 0o644)
-			t.Errorf("promtool check metrics: %v\n%s", err, out)
-		}
-	}
-
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := parser.TextToMetricFamilies(bytes.NewReader(body))
-	if err != nil {
-		t.Fatalf("parse the scrape: %v", err)
-	}
 	value := func(name string, labels map[string]string) (float64, bool) {
 		f := fams[name]
 		if f == nil {
@@ -172,4 +142,51 @@ func hasLabel(m *dto.Metric, name, value string) bool {
 		}
 	}
 	return false
+}
+
+// scrapeMetrics scrapes the daemon's metrics at addr, checks the scrape
+// with promtool, and parses it.
+func scrapeMetrics(ctx context.Context, t *testing.T, addr string) ([]byte, map[string]*dto.MetricFamily) {
+	t.Helper()
+	c := &http.Client{Timeout: 30 * time.Second}
+	resp, err := c.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("scrape: %s, %v", resp.Status, err)
+	}
+
+	if promtool, err := exec.LookPath("promtool"); err != nil {
+		t.Errorf("no promtool to check the scrape with (script/install-deps.sh installs Debian's prometheus): %v", err)
+	} else {
+		cmd := exec.CommandContext(ctx, promtool, "check", "metrics")
+		cmd.Stdin = bytes.NewReader(body)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			p := filepath.Join(t.TempDir(), "scrape.txt")
+			_ = os.WriteFile(p, body, 0o644)
+			t.Errorf("promtool check metrics: %v\n%s", err, out)
+		}
+	}
+
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("parse the scrape: %v", err)
+	}
+	return body, fams
+}
+
+// freeAddress is a loopback address nothing listens on, for the daemon's
+// metrics.
+func freeAddress(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
