@@ -9,6 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -193,6 +198,7 @@ func FuzzTOC(f *testing.F) {
 	for i, s := range fuzzHostileTOCs {
 		f.Add([]byte(s), int64(1000), uint8(i%4))
 	}
+	db := fuzzMetadataDB(f)
 	ctx := context.Background()
 	f.Fuzz(func(t *testing.T, tocJSON []byte, dataLen int64, flags uint8) {
 		// Any amount of file data fits: only the tail is ever held.
@@ -228,7 +234,84 @@ func FuzzTOC(f *testing.F) {
 		if err := checkBuilt(toc, tree); err != nil {
 			t.Fatalf("Build accepted a TOC into a bad tree: %v", err)
 		}
+		if err := checkImport(db, toc, tree); err != nil {
+			t.Fatalf("metadata: %v", err)
+		}
 	})
+}
+
+// fuzzMetadataDB is a metadata database for the fuzz worker's process.
+// bbolt syncs every commit: on a tmpfs that costs nothing.
+func fuzzMetadataDB(f *testing.F) *metadata.DB {
+	dir := f.TempDir()
+	if st, err := os.Stat("/dev/shm"); err == nil && st.IsDir() {
+		if d, err := os.MkdirTemp("/dev/shm", "lazycas-fuzz-"); err == nil {
+			dir = d
+			f.Cleanup(func() { os.RemoveAll(d) })
+		}
+	}
+	db, err := metadata.Open(filepath.Join(dir, "metadata.db"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { db.Close() })
+	return db
+}
+
+// checkImport stores a built tree the way a mount does and reads it back:
+// the same inodes, and in each directory the same names.
+func checkImport(db *metadata.DB, toc *layer.TOC, tree *layer.Tree) error {
+	const key = "fuzz"
+	info := metadata.LayerInfo{Digest: "sha256:" + strings.Repeat("0", 64), TOCDigest: toc.Digest.String(), Format: string(toc.Format), Prefetch: tree.Prefetch}
+	if err := db.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
+		return err
+	}
+	l, err := db.Layer(key)
+	if err != nil {
+		return err
+	}
+	if l.Info.Nodes != len(tree.Nodes) || !l.Info.Complete {
+		return fmt.Errorf("layer of %d nodes stored as %d, complete %v", len(tree.Nodes), l.Info.Nodes, l.Info.Complete)
+	}
+	i := 0
+	err = l.Walk(func(n *metadata.Node) error {
+		if i >= len(tree.Nodes) {
+			return fmt.Errorf("inode %d stored beyond the tree's %d", n.ID, len(tree.Nodes))
+		}
+		want := *tree.Nodes[i]
+		i++
+		// A null xattr value in the TOC reads back empty.
+		for k, v := range want.Xattrs {
+			if v == nil {
+				want.Xattrs = maps.Clone(want.Xattrs)
+				want.Xattrs[k] = []byte{}
+			}
+		}
+		if !reflect.DeepEqual(n, &want) {
+			return fmt.Errorf("inode %d reads back as %+v, stored %+v", want.ID, *n, want)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if i != len(tree.Nodes) {
+		return fmt.Errorf("%d of %d inodes read back", i, len(tree.Nodes))
+	}
+	var got []metadata.Dirent
+	for _, n := range tree.Nodes {
+		if n.Type == metadata.TypeDir {
+			ents, err := l.ReadDir(n.ID)
+			if err != nil {
+				return err
+			}
+			got = append(got, ents...)
+		}
+	}
+	if !slices.Equal(got, tree.Dirents) {
+		return fmt.Errorf("directories read back as %v, stored %v", got, tree.Dirents)
+	}
+	return nil
 }
 
 // checkBuilt checks what Build promises of an accepted TOC: inodes with
