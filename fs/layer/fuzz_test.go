@@ -366,6 +366,7 @@ func checkBuilt(toc *layer.TOC, tree *layer.Tree) error {
 	// One tree: every directory is reached once, from the root, every
 	// inode is reached, and no path is longer than the limit.
 	reached := map[uint64]bool{metadata.RootID: true}
+	byPath := map[string]*metadata.Node{"": byID[metadata.RootID]}
 	var walk func(id uint64, p string) error
 	walk = func(id uint64, p string) error {
 		subdirs := uint32(0)
@@ -377,6 +378,7 @@ func checkBuilt(toc *layer.TOC, tree *layer.Tree) error {
 			if len(cp) > fuzzMaxPathLen {
 				return fmt.Errorf("path of %d bytes", len(cp))
 			}
+			byPath[cp] = byID[d.ID]
 			if d.Type != metadata.TypeDir {
 				reached[d.ID] = true
 				continue
@@ -442,7 +444,90 @@ func checkBuilt(toc *layer.TOC, tree *layer.Tree) error {
 		}
 		seen[id] = true
 	}
+	return checkEntries(toc, byPath)
+}
+
+// checkEntries checks an accepted TOC against the tree built from it:
+// every name the TOC holds is a path inside the layer as written (nothing
+// was cleaned into one), and every entry is where its name says, with its
+// type: a whiteout as a 0:0 character device of its target's name, an
+// opaque marker as its directory's flag, a hard link as its target's inode.
+func checkEntries(toc *layer.TOC, byPath map[string]*metadata.Node) error {
+	types := map[string]metadata.Type{"dir": metadata.TypeDir, "reg": metadata.TypeReg, "symlink": metadata.TypeSymlink,
+		"char": metadata.TypeChar, "block": metadata.TypeBlock, "fifo": metadata.TypeFifo}
+	for i, e := range toc.Entries {
+		if e.Type == "chunk" {
+			continue
+		}
+		p, err := inLayer(e.Name)
+		if err != nil {
+			return fmt.Errorf("entry %d %q accepted: %v", i, e.Name, err)
+		}
+		dir, base := "", p
+		if j := strings.LastIndexByte(p, '/'); j >= 0 {
+			dir, base = p[:j], p[j+1:]
+		}
+		var n *metadata.Node
+		switch {
+		case p == "":
+			n = byPath[""]
+		case dir == "" && (base == estargz.PrefetchLandmark || base == estargz.NoPrefetchLandmark):
+			continue
+		case base == ".wh..wh..opq":
+			if d := byPath[dir]; d == nil || !d.Opaque {
+				return fmt.Errorf("entry %d %q: directory not opaque", i, e.Name)
+			}
+			continue
+		case strings.HasPrefix(base, ".wh."):
+			target := strings.TrimPrefix(base, ".wh.")
+			if dir != "" {
+				target = dir + "/" + target
+			}
+			if w := byPath[target]; w == nil || w.Type != metadata.TypeChar || w.DevMajor != 0 || w.DevMinor != 0 {
+				return fmt.Errorf("entry %d %q: no whiteout at %q", i, e.Name, target)
+			}
+			continue
+		default:
+			n = byPath[p]
+		}
+		if n == nil {
+			return fmt.Errorf("entry %d %q is not in the tree", i, e.Name)
+		}
+		if e.Type == "hardlink" {
+			t, err := inLayer(e.LinkName)
+			if err != nil {
+				return fmt.Errorf("entry %d %q: hard link to %q accepted: %v", i, e.Name, e.LinkName, err)
+			}
+			if byPath[t] != n {
+				return fmt.Errorf("entry %d %q: not the inode of %q", i, e.Name, e.LinkName)
+			}
+			continue
+		}
+		if types[e.Type] != n.Type {
+			return fmt.Errorf("entry %d %q: a %q is inode type %d", i, e.Name, e.Type, n.Type)
+		}
+	}
 	return nil
+}
+
+// inLayer is a TOC name as the layer's path, checked on its own terms: a
+// relative path of at most 4096 bytes, with an optional "./" before and
+// "/" after, of non-empty components that are neither "." nor ".." and
+// at most 255 bytes, without NUL.
+func inLayer(name string) (string, error) {
+	if len(name) > fuzzMaxPathLen || strings.HasPrefix(name, "/") || strings.ContainsRune(name, 0) {
+		return "", errors.New("absolute, too long or with a NUL")
+	}
+	p := strings.TrimSuffix(strings.TrimPrefix(name, "./"), "/")
+	if p == "" || p == "." {
+		return "", nil
+	}
+	for _, c := range strings.Split(p, "/") {
+		if c == "" || c == "." || c == ".." || len(c) > fuzzMaxNameLen {
+			return "", fmt.Errorf("component %q", c)
+		}
+	}
+	return p, nil
 }
 
 // checkName requires a single path component that stays where it is.
