@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -660,9 +661,18 @@ func FuzzTOCOffset(f *testing.F) {
 		// Beyond the tail the blob is unknown: pretend it reads as
 		// zeros, so ReadTOC goes as far as it would on a real blob.
 		blob.tail = append(make([]byte, size-int64(len(tail))), tail...)
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
 		toc, err := layer.ReadTOC(ctx, blob, size, pin)
+		runtime.ReadMemStats(&after)
 		if err == nil {
 			t.Fatalf("ReadTOC accepted a TOC hashing to %s under a pin nothing hashes to", toc.Digest)
+		}
+		// Memory grows with what the blob holds: the inflated JSON of a
+		// gzip or zstd TOC, the decoder's tables, never a buffer that a
+		// few bytes ask for.
+		if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 64<<20+4096*uint64(size) {
+			t.Fatalf("ReadTOC of a %d-byte blob allocated %d MiB: %v", size, alloc>>20, err)
 		}
 		lowest := size - footerLen
 		if ok {
