@@ -214,7 +214,8 @@ func honest(first, last int64) []byte {
 // offset of the blob, and no part is marked done that a response did not
 // fill; a nil error means every part is done and every byte of every
 // buffer came from the response. A part that streams its progress reports
-// only bytes it keeps, and after a failure covers just what is missing.
+// only bytes it keeps, and after a failure covers just what is missing. No
+// error shows the signature of a pre-signed blob URL.
 func FuzzReadResponse(f *testing.F) {
 	const bnd = "3d6b6a416f9b5"
 	mpType := "multipart/byteranges; boundary=" + bnd
