@@ -39,6 +39,16 @@ lint: deps
 # build their images once into $${LAZYCAS_TEST_CACHE:-/var/cache/lazycas-test}.
 test: build lint
 	$(GO) test -count=1 -timeout $(GOTEST_TIMEOUT) ./...
+	$(WITHGO) script/fuzz.sh 5s
+
+# Every Go fuzz target for FUZZTIME each, one after the other on one core
+# (`make test` runs them for 5s each); `make fuzz FUZZTIME=5m` searches
+# longer. A failing input lands in the package's testdata/fuzz/, which every
+# `go test` replays: commit it with the fix.
+.PHONY: fuzz
+FUZZTIME ?= 10s
+fuzz: deps
+	$(WITHGO) script/fuzz.sh $(FUZZTIME)
 
 # Inner loop: skips the integration tests and the slower conformance runs.
 test-short: deps

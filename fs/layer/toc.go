@@ -176,7 +176,7 @@ func readTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin, newSink fu
 	for _, f := range formats {
 		d, _ := decompressorOf(f)
 		fs := d.FooterSize()
-		_, tocOff, tocSize, err := d.ParseFooter(footer[footerLen-fs:])
+		tocOff, tocSize, err := parseFooter(d, footer[footerLen-fs:])
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s footer: %w", f, err))
 			continue
@@ -232,12 +232,28 @@ func TOCOffset(tail []byte, size int64) (int64, bool) {
 		if int64(len(tail)) < fs || size < fs {
 			continue
 		}
-		_, off, _, err := d.ParseFooter(tail[int64(len(tail))-fs:])
+		off, _, err := parseFooter(d, tail[int64(len(tail))-fs:])
 		if err == nil && off > 0 && off <= size-fs {
 			return off, true
 		}
 	}
 	return 0, false
+}
+
+// parseFooter parses a footer of d's format: the last d.FooterSize() bytes
+// of a blob, untrusted. The estargz module's gzip footer parser (v0.19.1)
+// trusts the subfield length in the gzip header's extra field and slices
+// past the end of a shorter extra field (FuzzTOCOffset found a 51-byte tail
+// that panics it), which would take the daemon down from a registry's
+// bytes: a panic in a parser is a malformed footer here.
+func parseFooter(d decompressor, footer []byte) (tocOff, tocSize int64, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			tocOff, tocSize, err = 0, 0, fmt.Errorf("malformed footer: %v", r)
+		}
+	}()
+	_, tocOff, tocSize, err = d.ParseFooter(footer)
+	return tocOff, tocSize, err
 }
 
 // readAt fills p from offset off of r. An io.ReaderAt may return io.EOF
