@@ -213,10 +213,16 @@ func FuzzTOC(f *testing.F) {
 		if blob.outside != nil {
 			t.Fatalf("ReadTOC reads outside the TOC and footer: %v", blob.outside)
 		}
+		// The mount's path: decoded and built in one pass, which must
+		// agree with ReadTOC and Build in every case.
+		streamed, streamedTree, streamErr := layer.ReadTree(ctx, blob, size, pin)
 		var jtoc estargz.JTOC
 		if err != nil {
-			if json.Unmarshal(tocJSON, &jtoc) == nil {
+			if json.Unmarshal(tocJSON, &jtoc) == nil && !twoEntryLists(tocJSON) {
 				t.Fatalf("ReadTOC refused a well-formed, pinned TOC: %v", err)
+			}
+			if streamErr == nil {
+				t.Fatalf("ReadTree accepted what ReadTOC refused (%v)", err)
 			}
 			return
 		}
@@ -229,8 +235,17 @@ func FuzzTOC(f *testing.F) {
 				toc.Format, toc.Offset, toc.Digest, want, dataLen, pin.TOCDigest)
 		}
 		tree, err := layer.Build(toc)
+		if (err == nil) != (streamErr == nil) {
+			t.Fatalf("ReadTOC and Build: %v; ReadTree: %v", err, streamErr)
+		}
 		if err != nil {
 			return
+		}
+		if streamed.Digest != toc.Digest || streamed.Format != toc.Format || streamed.Offset != toc.Offset {
+			t.Fatalf("ReadTree's TOC %+v differs from ReadTOC's", streamed)
+		}
+		if !reflect.DeepEqual(streamedTree, tree) {
+			t.Fatal("ReadTree built another tree than ReadTOC and Build")
 		}
 		if err := checkBuilt(toc, tree); err != nil {
 			t.Fatalf("Build accepted a TOC into a bad tree: %v", err)
@@ -683,4 +698,29 @@ func FuzzTOCOffset(f *testing.F) {
 			t.Fatalf("ReadTOC read at %d of a %d-byte blob; TOCOffset said %d, %v", blob.lowest, size, off, ok)
 		}
 	})
+}
+
+// twoEntryLists tells whether a TOC object has more than one "entries" key
+// (as encoding/json matches keys): encoding/json lets the last win, the
+// streaming decoder refuses the TOC.
+func twoEntryLists(tocJSON []byte) bool {
+	dec := json.NewDecoder(bytes.NewReader(tocJSON))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return false
+	}
+	n := 0
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return false
+		}
+		if k, _ := tok.(string); strings.EqualFold(k, "entries") {
+			n++
+		}
+		var skip json.RawMessage
+		if dec.Decode(&skip) != nil {
+			return false
+		}
+	}
+	return n > 1
 }

@@ -302,8 +302,15 @@ func decodeTOC(d decompressor, raw []byte, add entrySink) (*TOC, error) {
 // other keys are skipped; a second "entries" is refused rather than
 // letting one of them win.
 func decodeEntries(dec *json.Decoder, add entrySink) error {
-	if err := expectDelim(dec, '{'); err != nil {
-		return err
+	tok, err := dec.Token()
+	if err != nil {
+		return fmt.Errorf("decode JSON: %w", err)
+	}
+	if tok == nil {
+		return nil // a null TOC, as encoding/json reads it: no entries
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return fmt.Errorf("decode JSON: %v where '{' belongs", tok)
 	}
 	seen, n := false, 0
 	for dec.More() {
