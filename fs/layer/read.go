@@ -131,7 +131,7 @@ func writeChunk(f Format, dec estargz.Decompressor, compressed []byte, c metadat
 }
 
 var zstdDecoders = sync.Pool{New: func() any {
-	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	d, err := zstd.NewReader(nil, zstdOptions...)
 	if err != nil {
 		panic(fmt.Sprintf("zstd decoder with static options: %v", err))
 	}

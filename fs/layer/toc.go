@@ -22,6 +22,7 @@ import (
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -92,6 +93,30 @@ type decompressor interface {
 	DecompressTOC(io.Reader) (io.ReadCloser, error)
 }
 
+// maxZstdWindow bounds the window a zstd frame of a layer may make the
+// daemon allocate: a 10-byte frame header can ask for 512 MiB and more.
+// 128 MiB is what the zstd command line decodes without --long.
+const maxZstdWindow = 128 << 20
+
+// zstdOptions are the decoder options of every zstd frame lazycas reads
+// from a layer, its TOC and its chunks.
+var zstdOptions = []zstd.DOption{
+	zstd.WithDecoderMaxWindow(maxZstdWindow), zstd.WithDecoderMaxMemory(maxZstdWindow),
+	zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+}
+
+// zstdDecompressor is the estargz module's zstd:chunked decompressor whose
+// TOC decoder has zstdOptions: the module's own takes zstd's defaults.
+type zstdDecompressor struct{ *zstdchunked.Decompressor }
+
+func (zstdDecompressor) DecompressTOC(r io.Reader) (io.ReadCloser, error) {
+	d, err := zstd.NewReader(r, zstdOptions...)
+	if err != nil {
+		return nil, err
+	}
+	return d.IOReadCloser(), nil
+}
+
 // Decompressor returns the chunk decompressor of a format.
 func Decompressor(f Format) (estargz.Decompressor, error) {
 	return decompressorOf(f)
@@ -102,7 +127,7 @@ func decompressorOf(f Format) (decompressor, error) {
 	case FormatEStargz:
 		return new(estargz.GzipDecompressor), nil
 	case FormatZstdChunked:
-		return new(zstdchunked.Decompressor), nil
+		return zstdDecompressor{new(zstdchunked.Decompressor)}, nil
 	}
 	return nil, fmt.Errorf("unknown layer format %q", f)
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -333,5 +334,24 @@ func TestReadTreeDecodesTheTOCObject(t *testing.T) {
 				t.Errorf("%d nodes besides the root, want %d", got, tc.files)
 			}
 		})
+	}
+}
+
+// TestReadTOCBoundsZstdWindows: a zstd:chunked TOC of ten bytes whose frame
+// header asks for a 512 MiB window, well pinned, must fail without the
+// daemon allocating what it asks for.
+func TestReadTOCBoundsZstdWindows(t *testing.T) {
+	frame := []byte{0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x98, 0x09, 0x00, 0x00, 0x7b}
+	blob := append(bytes.Repeat([]byte{0}, 100), frame...)
+	blob = append(blob, zstdFooter(100, uint64(len(frame)))...)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := layer.ReadTOC(context.Background(), bytes.NewReader(blob), int64(len(blob)), layer.Pin{CompressedTOCDesc: digest.FromBytes(frame)})
+	runtime.ReadMemStats(&after)
+	if err == nil {
+		t.Fatal("a TOC frame asking for a 512 MiB window was read")
+	}
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 64<<20 {
+		t.Errorf("reading it allocated %d MiB", grew>>20)
 	}
 }
