@@ -14,6 +14,10 @@ import (
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
+// ErrNothingKept is Put's answer to a pull without credentials it can use
+// (none, or a bare registry token).
+var ErrNothingKept = errors.New("no credentials to keep")
+
 // DefaultTTL is how long a pull's credentials serve lazy reads when the
 // credentials themselves say nothing about their expiry.
 const DefaultTTL = 12 * time.Hour
@@ -66,11 +70,15 @@ func NewKeyring(ttl time.Duration) *Keyring {
 // sends it ("python:3", "docker.io/library/python@sha256:…"). It returns a
 // function that puts back what the repository had before, for a pull that
 // fails: a wrong password must not replace one that works for the layers
-// already mounted. A nil or empty auth keeps nothing.
+// already mounted. A nil or empty auth keeps nothing, and so does
+// ErrNothingKept.
 func (k *Keyring) Put(image string, auth *runtime.AuthConfig) (undo func(), err error) {
 	cred, ok, err := credentialOf(auth)
-	if err != nil || !ok {
+	if err != nil {
 		return func() {}, err
+	}
+	if !ok {
+		return func() {}, ErrNothingKept
 	}
 	named, err := reference.ParseNormalizedNamed(image)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -135,8 +136,8 @@ func TestKeyringUndo(t *testing.T) {
 func TestKeyringRefuses(t *testing.T) {
 	k := NewKeyring(time.Hour)
 	for _, auth := range []*runtime.AuthConfig{nil, {}, {RegistryToken: "bearer-only"}} {
-		if _, err := k.Put("registry.example/app", auth); err != nil {
-			t.Errorf("Put(%v): %v", auth, err)
+		if _, err := k.Put("registry.example/app", auth); !errors.Is(err, ErrNothingKept) {
+			t.Errorf("Put(%v): %v, want ErrNothingKept", auth, err)
 		}
 	}
 	if n := k.Len(); n != 0 {

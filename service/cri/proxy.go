@@ -76,11 +76,13 @@ func (p *Proxy) PullImage(ctx context.Context, req *runtime.PullImageRequest) (*
 	image := req.GetImage().GetImage()
 	logger := log.G(ctx).WithField("image", image)
 	undo, err := p.keys.Put(image, req.GetAuth())
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrNothingKept):
+	case err != nil:
 		// containerd judges the pull; lazy reads fall back to the node's
 		// docker config. Never the credentials themselves in the log.
 		logger.WithError(err).Warn("cri: credentials of this pull not kept for lazy reads")
-	} else if req.GetAuth() != nil {
+	default:
 		p.kept.Add(1)
 	}
 	resp, err := p.backend.PullImage(ctx, req)
