@@ -289,33 +289,40 @@ func (f *FileSystem) mount(ctx context.Context, key, mountpoint string, labels m
 		return fmt.Errorf("layer digest %q: %w", dgst, err)
 	}
 	f.readAheadTails(ctx, ref, f.layersAbove(ctx, labels, dgst, manifest))
-	blob, toc, tree, ahead, err := f.readTOC(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size}, pin)
+	// The layer's nodes go to metadata as the TOC is decoded (a layer of
+	// 200,000 files is never all in memory), unless its tree was built
+	// ahead; either way sink keeps what the mount needs of them.
+	sink := &layerSink{w: f.meta.NewWriter(key), noXattrs: true}
+	blob, toc, tree, sum, ahead, err := f.readTOC(ctx, ref, ocispec.Descriptor{Digest: dgst, Size: desc.Size}, pin, sink)
 	if err != nil {
+		sink.w.Abort()
 		return err
 	}
 	built := time.Now()
 	info := metadata.LayerInfo{
 		Ref: ref, Digest: dgst.String(), Size: blob.Size(), TOCDigest: toc.Digest.String(),
-		Format: string(toc.Format), Prefetch: tree.Prefetch, NoXattrs: true,
+		Format: string(toc.Format), Prefetch: sum.Prefetch,
 	}
-	refs := make([]store.Ref, 0, tree.Files)
-	for _, n := range tree.Nodes {
-		if len(n.Xattrs) > 0 || n.Opaque {
-			info.NoXattrs = false
+	if ahead {
+		sink.w.Abort() // nothing written through it
+		for _, n := range tree.Nodes {
+			sink.note(n)
 		}
-		if n.Type == metadata.TypeReg && n.Size > 0 {
-			refs = append(refs, store.Ref{Digest: digest.Digest(n.Digest), Size: n.Size})
-		}
+		info.NoXattrs = sink.noXattrs
+		err = f.meta.Put(key, info, tree.Nodes, tree.Dirents)
+	} else {
+		info.NoXattrs = sink.noXattrs
+		err = sink.w.Commit(info)
 	}
-	if err := f.meta.Put(key, info, tree.Nodes, tree.Dirents); err != nil {
+	if err != nil {
 		return err
 	}
 	stored := time.Now()
-	if err := f.store.AddRefs(key, refs); err != nil {
+	if err := f.store.AddRefs(key, sink.refs); err != nil {
 		f.forget(ctx, key)
 		return fmt.Errorf("layer %s: %w", dgst, err)
 	}
-	m, err := f.serve(ctx, key, mountpoint, blob, fileSpans(tree.Nodes), nil)
+	m, err := f.serve(ctx, key, mountpoint, blob, sortSpans(sink.spans), nil)
 	if err != nil {
 		f.forget(ctx, key)
 		return err
@@ -333,18 +340,48 @@ func (f *FileSystem) mount(ctx context.Context, key, mountpoint string, labels m
 		}()
 	}
 	log.G(ctx).WithFields(log.Fields{
-		"key": key, "layer": dgst, "format": toc.Format, "entries": len(tree.Nodes), "files": tree.Files,
-		"prefetch": len(tree.Prefetch), "took": time.Since(start).Round(time.Millisecond),
+		"key": key, "layer": dgst, "format": toc.Format, "entries": sum.Nodes, "files": sum.Files,
+		"prefetch": len(sum.Prefetch), "took": time.Since(start).Round(time.Millisecond),
 		"toc":      built.Sub(start).Round(time.Millisecond),
 		"metadata": stored.Sub(built).Round(time.Millisecond), "decoded_ahead": ahead,
 	}).Info("layer mounted lazily")
-	if len(tree.Nodes) >= bigTree {
-		// The tree is garbage once this returns: give its memory back to
-		// the node now rather than over the next minutes, so the daemon's
-		// RSS follows what it holds, not the largest TOC it ever read.
+	if sum.Nodes >= bigTree {
+		// What the import took is garbage once this returns: give it back
+		// to the node now rather than over the next minutes, so the
+		// daemon's RSS follows what it holds, not the largest TOC it read.
 		go debug.FreeOSMemory()
 	}
 	return nil
+}
+
+// layerSink stores a layer's nodes and directory entries in metadata as
+// the TOC's builder makes them, and keeps what the mount needs of them:
+// the store objects its files refer to, where their bytes lie in the blob,
+// whether any inode has xattrs.
+type layerSink struct {
+	w        *metadata.Writer
+	refs     []store.Ref
+	spans    []fileSpan
+	noXattrs bool
+}
+
+func (s *layerSink) Node(n *metadata.Node) error {
+	s.note(n)
+	return s.w.Node(n)
+}
+
+func (s *layerSink) Dirent(d metadata.Dirent) error { return s.w.Dirent(d) }
+
+func (s *layerSink) Relink(id uint64, nlink uint32) error { return s.w.Relink(id, nlink) }
+
+func (s *layerSink) note(n *metadata.Node) {
+	if len(n.Xattrs) > 0 || n.Opaque {
+		s.noXattrs = false
+	}
+	if n.Type == metadata.TypeReg && n.Size > 0 {
+		s.refs = append(s.refs, store.Ref{Digest: digest.Digest(n.Digest), Size: n.Size})
+	}
+	s.spans = appendSpan(s.spans, n)
 }
 
 // bigTree is the number of entries from which a mount returns the memory

@@ -28,6 +28,10 @@ const tailSize = 512 << 10
 // all at once, sharing the link, and most are small.
 const aheadTailSize = 64 << 10
 
+// aheadTreeMax is the largest tail (about the compressed TOC) whose tree
+// is built ahead, in memory: some 100,000 entries.
+const aheadTreeMax = 1 << 20
+
 // Read-ahead tails of the layers an image will prepare next are kept this
 // long and this many at most; a pull prepares them within seconds.
 const (
@@ -52,22 +56,23 @@ type tail struct {
 	tree *layer.Tree // nil when not built ahead (no pin, or a bad TOC: the mount says why)
 }
 
-// readTOC opens the layer blob and reads its verified TOC and tree, from a
-// tail read ahead for it if there is one; ahead says the tree was built
-// ahead against the same pin.
-func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin) (_ *remote.Blob, _ *layer.TOC, _ *layer.Tree, ahead bool, _ error) {
+// readTOC opens the layer blob and reads its verified TOC, from a tail
+// read ahead for it if there is one. When the tail's tree was built ahead
+// against the same pin, that tree is returned (ahead); otherwise the TOC
+// is imported into sink as it is decoded, and tree is nil.
+func (f *FileSystem) readTOC(ctx context.Context, ref string, desc ocispec.Descriptor, pin layer.Pin, sink layer.Sink) (_ *remote.Blob, _ *layer.TOC, tree *layer.Tree, sum layer.Summary, ahead bool, _ error) {
 	t, err := f.openTail(ctx, ref, desc)
 	if err != nil {
-		return nil, nil, nil, false, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
+		return nil, nil, nil, sum, false, fmt.Errorf("resolve layer %s of %s: %w", desc.Digest, ref, err)
 	}
 	if t.tree != nil && t.pin == pin {
-		return t.blob, t.toc, t.tree, true, nil
+		return t.blob, t.toc, t.tree, layer.Summary{Prefetch: t.tree.Prefetch, Files: t.tree.Files, Nodes: len(t.tree.Nodes)}, true, nil
 	}
-	toc, tree, err := layer.ReadTree(ctx, t.reader(), t.blob.Size(), pin)
+	toc, sum, err := layer.Import(ctx, t.reader(), t.blob.Size(), pin, sink)
 	if err != nil {
-		return nil, nil, nil, false, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		return nil, nil, nil, sum, false, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
-	return t.blob, toc, tree, false, nil
+	return t.blob, toc, nil, sum, false, nil
 }
 
 // reader reads the blob, from the tail in memory where it has the bytes.
@@ -169,7 +174,9 @@ func (f *FileSystem) readAheadTails(ctx context.Context, ref string, above []oci
 				log.G(ctx).WithError(t.err).WithField("layer", d).Debug("read ahead a layer's tail")
 				return
 			}
-			if !pinned {
+			if !pinned || len(t.buf) > aheadTreeMax {
+				// A large TOC is imported by its mount straight into
+				// metadata rather than held here as a tree.
 				return
 			}
 			toc, tree, err := layer.ReadTree(tctx, t.reader(), t.blob.Size(), pin)

@@ -45,11 +45,14 @@ type Tree struct {
 	Files int
 }
 
-type buildNode struct {
-	n        *metadata.Node
-	children map[string]*buildNode
-	implicit bool // a parent directory the TOC never declared
-	whiteout bool
+// Sink takes what a builder makes, as it makes it: each node once it is
+// final, then the directory entries (sorted by parent and name), then the
+// link count of each node that hard links reached after it was taken.
+// The nodes of a large layer need never be all in memory at once.
+type Sink interface {
+	Node(n *metadata.Node) error
+	Dirent(d metadata.Dirent) error
+	Relink(id uint64, nlink uint32) error
 }
 
 // Build validates toc and turns it into an inode tree. Whiteouts become
@@ -61,43 +64,135 @@ func Build(toc *TOC) (*Tree, error) {
 	if len(toc.Entries) > maxEntries {
 		return nil, fmt.Errorf("TOC has %d entries, more than %d", len(toc.Entries), maxEntries)
 	}
-	b := newBuilder(toc.Offset)
+	t := &memTree{}
+	b := newBuilder(toc.Offset, t)
 	for i, e := range toc.Entries {
 		if err := b.add(i, e); err != nil {
 			return nil, err
 		}
 	}
-	return b.finish()
+	return t.finish(b)
+}
+
+// memTree is the Sink that keeps everything, as a Tree.
+type memTree struct {
+	nodes   []*metadata.Node // by ID - RootID
+	dirents []metadata.Dirent
+}
+
+func (m *memTree) Node(n *metadata.Node) error {
+	i := int(n.ID - metadata.RootID)
+	for len(m.nodes) <= i {
+		m.nodes = append(m.nodes, nil)
+	}
+	m.nodes[i] = n
+	return nil
+}
+
+func (m *memTree) Dirent(d metadata.Dirent) error {
+	m.dirents = append(m.dirents, d)
+	return nil
+}
+
+func (m *memTree) Relink(id uint64, nlink uint32) error {
+	m.nodes[id-metadata.RootID].Nlink = nlink
+	return nil
+}
+
+func (m *memTree) finish(b *builder) (*Tree, error) {
+	sum, err := b.finish()
+	if err != nil {
+		return nil, err
+	}
+	return &Tree{Nodes: m.nodes, Dirents: m.dirents, Prefetch: sum.Prefetch, Files: sum.Files}, nil
+}
+
+// Summary is what a builder tells besides its nodes.
+type Summary struct {
+	// Prefetch and Files are as in Tree.
+	Prefetch []uint64
+	Files    int
+	// Nodes is how many nodes the sink took.
+	Nodes int
+}
+
+// dirNode is a directory being built: directories stay in memory until
+// the end (later entries change their link counts and opaque flags), the
+// other nodes go to the sink as soon as they are final.
+type dirNode struct {
+	n        *metadata.Node
+	path     string // cleaned, "" for the root
+	children map[string]child
+	implicit bool // a parent directory the TOC never declared
+}
+
+// child is a name in a directory: its inode, type and whether it is a
+// whiteout, in one word (inode numbers stay far below 2^55), because a
+// layer may have millions of names and each costs a map slot.
+type child uint64
+
+func newChild(id uint64, t metadata.Type, whiteout bool) child {
+	c := child(id) | child(t)<<55
+	if whiteout {
+		c |= 1 << 63
+	}
+	return c
+}
+
+func (c child) id() uint64         { return uint64(c) & (1<<55 - 1) }
+func (c child) typ() metadata.Type { return metadata.Type(uint64(c) >> 55 & 0xff) }
+func (c child) whiteout() bool     { return c&(1<<63) != 0 }
+
+// runChunk is a chunk whose compressed end is not known yet, and the TOC
+// entry it came from.
+type runChunk struct {
+	c    *metadata.Chunk
+	at   int
+	name string
+}
+
+// pendingFile is a regular file waiting for the end of its last chunk.
+type pendingFile struct {
+	n *metadata.Node
 }
 
 type builder struct {
 	tocOffset int64
-	root      *buildNode
-	byPath    map[string]*buildNode
-	nodes     []*metadata.Node
-	regs      []*metadata.Node // in layer order
-	regAt     []int            // the TOC entry of each of regs, for errors
-	regName   []string         // and its name
+	out       Sink
+	nodes     int // nodes made so far; the next ID is RootID + nodes
+	root      *dirNode
+	dirs      map[string]*dirNode // by cleaned path, "" the root
+	dirList   []*dirNode          // in ID order
+	links     map[uint64]uint32   // link counts of non-directories linked more than once
+	regIDs    []uint64            // the regular files so far, until a landmark
 	prefetch  []uint64
 	landmark  bool
+	files     int
 
 	last     *metadata.Node // the regular file that "chunk" entries continue
 	lastAt   int            // its TOC entry
 	lastName string
+
+	// Chunks in blob order: run shares one compressed stream (its ends are
+	// the next stream's start); pending files wait for theirs.
+	prev    *metadata.Chunk
+	run     []runChunk
+	pending []pendingFile
 }
 
-func newBuilder(tocOffset int64) *builder {
-	b := &builder{tocOffset: tocOffset, byPath: map[string]*buildNode{}}
+func newBuilder(tocOffset int64, out Sink) *builder {
+	b := &builder{tocOffset: tocOffset, out: out, dirs: map[string]*dirNode{}, links: map[uint64]uint32{}}
 	root := b.newNode(metadata.TypeDir, 0o755)
 	root.Nlink = 2
-	b.root = &buildNode{n: root, children: map[string]*buildNode{}, implicit: true}
-	b.byPath[""] = b.root
+	b.root = &dirNode{n: root, children: map[string]child{}, implicit: true}
+	b.dirs[""] = b.root
+	b.dirList = append(b.dirList, b.root)
 	return b
 }
 
 func (b *builder) newNode(t metadata.Type, mode uint32) *metadata.Node {
-	n := &metadata.Node{ID: uint64(len(b.nodes)) + metadata.RootID, Type: t, Mode: mode}
-	b.nodes = append(b.nodes, n)
+	n := &metadata.Node{ID: uint64(b.nodes) + metadata.RootID, Type: t, Mode: mode}
+	b.nodes++
 	return n
 }
 
@@ -118,40 +213,134 @@ func (b *builder) add(i int, e *estargz.TOCEntry) error {
 		}
 		return nil
 	}
-	if b.last != nil {
-		if err := checkTiling(b.last); err != nil {
-			return entryErr(b.lastAt, b.lastName, err)
-		}
+	if err := b.settle(); err != nil {
+		return err
 	}
-	b.last = nil
 	n, err := b.entry(e)
 	if err != nil {
 		return entryErr(i, e.Name, err)
 	}
-	if len(b.regAt) < len(b.regs) {
-		b.regAt = append(b.regAt, i)
-		b.regName = append(b.regName, e.Name)
+	if n == nil || n.Type == metadata.TypeDir {
+		return nil
 	}
-	if n != nil && n.Type == metadata.TypeReg && e.Type == "reg" && n.Size > 0 {
+	if n.Type == metadata.TypeReg && n.Size > 0 {
 		if err := addChunk(n, e); err != nil {
 			return fmt.Errorf("TOC entry %d (%q): %w", i, e.Name, err)
 		}
 		b.last, b.lastAt, b.lastName = n, i, e.Name
+		return nil
 	}
+	// Empty files, symlinks, devices, whiteouts: final already.
+	return b.out.Node(n)
+}
+
+// settle ends the regular file that chunk entries continued: its chunks
+// must tile it, come in blob order, and it goes to the sink once the end
+// of its last chunk is known.
+func (b *builder) settle() error {
+	n := b.last
+	if n == nil {
+		return nil
+	}
+	b.last = nil
+	if err := checkTiling(n); err != nil {
+		return entryErr(b.lastAt, b.lastName, err)
+	}
+	for j := range n.Chunks {
+		c := &n.Chunks[j]
+		if c.Offset >= b.tocOffset {
+			return entryErr(b.lastAt, b.lastName, fmt.Errorf("chunk data at %d is not before the TOC at %d", c.Offset, b.tocOffset))
+		}
+		if p := b.prev; p != nil && (c.Offset < p.Offset || (c.Offset == p.Offset && c.InnerOffset < p.InnerOffset+p.Size)) {
+			return entryErr(b.lastAt, b.lastName, fmt.Errorf("chunk data at %d+%d overlaps or precedes the previous chunk at %d+%d",
+				c.Offset, c.InnerOffset, p.Offset, p.InnerOffset))
+		}
+		if len(b.run) > 0 && b.run[0].c.Offset != c.Offset {
+			if err := b.endRun(c.Offset); err != nil {
+				return err
+			}
+		}
+		b.run = append(b.run, runChunk{c, b.lastAt, b.lastName})
+		b.prev = c
+	}
+	b.pending = append(b.pending, pendingFile{n})
+	return b.flush()
+}
+
+// endRun gives the chunks of the current stream their end: where the
+// next stream (or the TOC) starts.
+func (b *builder) endRun(end int64) error {
+	for _, r := range b.run {
+		r.c.End = end
+		if r.c.End-r.c.Offset > maxChunkSpan {
+			return entryErr(r.at, r.name, fmt.Errorf("chunk data at %d spans %d compressed bytes, more than %d", r.c.Offset, r.c.End-r.c.Offset, maxChunkSpan))
+		}
+	}
+	b.run = b.run[:0]
 	return nil
 }
 
-// finish checks what only the whole TOC tells and returns the tree.
-func (b *builder) finish() (*Tree, error) {
-	if b.last != nil {
-		if err := checkTiling(b.last); err != nil {
-			return nil, entryErr(b.lastAt, b.lastName, err)
+// flush hands the sink the pending files whose chunks all have their end.
+func (b *builder) flush() error {
+	i := 0
+	for ; i < len(b.pending); i++ {
+		n := b.pending[i].n
+		if n.Chunks[len(n.Chunks)-1].End == 0 {
+			break
+		}
+		if err := b.out.Node(n); err != nil {
+			return err
 		}
 	}
-	if err := b.offsets(); err != nil {
-		return nil, err
+	b.pending = append(b.pending[:0], b.pending[i:]...)
+	return nil
+}
+
+// finish checks what only the whole TOC tells and hands the sink the rest:
+// the last files, the directories, every directory entry, the link counts.
+func (b *builder) finish() (Summary, error) {
+	if err := b.settle(); err != nil {
+		return Summary{}, err
 	}
-	return b.tree(), nil
+	if err := b.endRun(b.tocOffset); err != nil {
+		return Summary{}, err
+	}
+	if err := b.flush(); err != nil {
+		return Summary{}, err
+	}
+	for _, d := range b.dirList {
+		if err := b.out.Node(d.n); err != nil {
+			return Summary{}, err
+		}
+	}
+	for _, d := range b.dirList {
+		names := make([]string, 0, len(d.children))
+		for name := range d.children {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		for _, name := range names {
+			c := d.children[name]
+			if err := b.out.Dirent(metadata.Dirent{Parent: d.n.ID, Name: name, ID: c.id(), Type: c.typ()}); err != nil {
+				return Summary{}, err
+			}
+		}
+	}
+	ids := make([]uint64, 0, len(b.links))
+	for id := range b.links {
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	for _, id := range ids {
+		if err := b.out.Relink(id, b.links[id]); err != nil {
+			return Summary{}, err
+		}
+	}
+	sum := Summary{Files: b.files, Nodes: b.nodes}
+	if b.landmark {
+		sum.Prefetch = b.prefetch
+	}
+	return sum, nil
 }
 
 // entryErr names TOC entry i in err.
@@ -191,21 +380,20 @@ func cleanName(name string) (string, error) {
 // dir returns the directory at p, creating undeclared parents; it refuses
 // a parent that exists as anything but a directory (a symlinked parent
 // would let later entries land outside the layer's tree).
-func (b *builder) dir(p string) (*buildNode, error) {
-	if d, ok := b.byPath[p]; ok {
-		if d.n.Type != metadata.TypeDir {
-			return nil, fmt.Errorf("parent %q is not a directory", p)
-		}
+func (b *builder) dir(p string) (*dirNode, error) {
+	if d, ok := b.dirs[p]; ok {
 		return d, nil
 	}
 	parent, err := b.dir(parentOf(p))
 	if err != nil {
 		return nil, err
 	}
-	n := b.newNode(metadata.TypeDir, 0o755)
-	d := &buildNode{n: n, children: map[string]*buildNode{}, implicit: true}
-	b.link(parent, path.Base(p), d)
-	b.byPath[p] = d
+	base := path.Base(p)
+	if _, exists := parent.children[base]; exists {
+		return nil, fmt.Errorf("parent %q is not a directory", p)
+	}
+	d := &dirNode{n: b.newNode(metadata.TypeDir, 0o755), path: p, children: map[string]child{}, implicit: true}
+	b.linkDir(parent, base, d)
 	return d, nil
 }
 
@@ -216,13 +404,19 @@ func parentOf(p string) string {
 	return ""
 }
 
-func (b *builder) link(parent *buildNode, name string, child *buildNode) {
-	parent.children[name] = child
-	child.n.Nlink++
-	if child.n.Type == metadata.TypeDir {
-		child.n.Nlink++  // its "."
-		parent.n.Nlink++ // its ".."
-	}
+// linkDir puts directory d (its path set) in parent under name.
+func (b *builder) linkDir(parent *dirNode, name string, d *dirNode) {
+	parent.children[strings.Clone(name)] = newChild(d.n.ID, metadata.TypeDir, false)
+	d.n.Nlink += 2   // its name and its "."
+	parent.n.Nlink++ // its ".."
+	b.dirs[d.path] = d
+	b.dirList = append(b.dirList, d)
+}
+
+// linkNode puts non-directory n in parent under name.
+func (b *builder) linkNode(parent *dirNode, name string, n *metadata.Node, whiteout bool) {
+	parent.children[strings.Clone(name)] = newChild(n.ID, n.Type, whiteout)
+	n.Nlink++
 }
 
 func (b *builder) entry(e *estargz.TOCEntry) (*metadata.Node, error) {
@@ -251,10 +445,9 @@ func (b *builder) entry(e *estargz.TOCEntry) (*metadata.Node, error) {
 		}
 		b.landmark = true
 		if base == estargz.PrefetchLandmark {
-			for _, n := range b.regs {
-				b.prefetch = append(b.prefetch, n.ID)
-			}
+			b.prefetch = b.regIDs
 		}
+		b.regIDs = nil
 		return nil, nil
 	}
 	if base == opaqueMarker {
@@ -271,15 +464,14 @@ func (b *builder) entry(e *estargz.TOCEntry) (*metadata.Node, error) {
 		}
 		n := b.newNode(metadata.TypeChar, 0)
 		n.ModTime = modTime(e)
-		b.link(parent, target, &buildNode{n: n, whiteout: true})
-		b.byPath[path.Join(parentPath, target)] = parent.children[target]
-		return nil, nil
+		b.linkNode(parent, target, n, true)
+		return n, nil
 	}
-	if existing, dup := parent.children[base]; dup {
+	if _, dup := parent.children[base]; dup {
 		// A directory may be declared after a child implied it, once.
-		if e.Type == "dir" && existing.n.Type == metadata.TypeDir && existing.implicit {
-			existing.implicit = false
-			return existing.n, setAttrs(existing.n, e)
+		if d := b.dirs[name]; e.Type == "dir" && d != nil && d.implicit {
+			d.implicit = false
+			return d.n, setAttrs(d.n, e)
 		}
 		return nil, fmt.Errorf("duplicate entry")
 	}
@@ -288,18 +480,22 @@ func (b *builder) entry(e *estargz.TOCEntry) (*metadata.Node, error) {
 		if err != nil || target == "" {
 			return nil, fmt.Errorf("hard link to %q: invalid target", e.LinkName)
 		}
-		t, ok := b.byPath[target]
+		t, ok := b.lookup(target)
 		if !ok {
 			return nil, fmt.Errorf("hard link to %q, which precedes it nowhere in the layer", target)
 		}
-		if t.n.Type == metadata.TypeDir {
+		if t.typ() == metadata.TypeDir {
 			return nil, fmt.Errorf("hard link to directory %q", target)
 		}
-		if t.whiteout {
+		if t.whiteout() {
 			return nil, fmt.Errorf("hard link to whiteout %q", target)
 		}
-		b.link(parent, base, t)
-		b.byPath[name] = t
+		parent.children[strings.Clone(base)] = t
+		nlink, ok := b.links[t.id()]
+		if !ok {
+			nlink = 1
+		}
+		b.links[t.id()] = nlink + 1
 		return nil, nil
 	}
 	var t metadata.Type
@@ -320,19 +516,36 @@ func (b *builder) entry(e *estargz.TOCEntry) (*metadata.Node, error) {
 		return nil, fmt.Errorf("unsupported entry type %q", e.Type)
 	}
 	n := b.newNode(t, 0)
-	bn := &buildNode{n: n}
-	if t == metadata.TypeDir {
-		bn.children = map[string]*buildNode{}
-	}
 	if err := setAttrs(n, e); err != nil {
 		return nil, err
 	}
-	b.link(parent, base, bn)
-	b.byPath[name] = bn
+	if t == metadata.TypeDir {
+		b.linkDir(parent, base, &dirNode{n: n, path: name, children: map[string]child{}})
+		return n, nil
+	}
+	b.linkNode(parent, base, n, false)
 	if t == metadata.TypeReg {
-		b.regs = append(b.regs, n)
+		if !b.landmark { // after it, no list is needed
+			b.regIDs = append(b.regIDs, n.ID)
+		}
+		if n.Size > 0 {
+			b.files++
+		}
 	}
 	return n, nil
+}
+
+// lookup finds what the layer has at p so far.
+func (b *builder) lookup(p string) (child, bool) {
+	if d, ok := b.dirs[p]; ok {
+		return newChild(d.n.ID, metadata.TypeDir, false), true
+	}
+	parent, ok := b.dirs[parentOf(p)]
+	if !ok {
+		return 0, false
+	}
+	c, ok := parent.children[path.Base(p)]
+	return c, ok
 }
 
 func modTime(e *estargz.TOCEntry) int64 {
@@ -442,84 +655,4 @@ func checkTiling(n *metadata.Node) error {
 		return fmt.Errorf("chunks cover %d of %d bytes", next, n.Size)
 	}
 	return nil
-}
-
-// offsets gives every chunk the end of its compressed bytes: the start of
-// the next stream in the blob, or the TOC. Streams must come in blob order,
-// and chunks may share a stream only when adjacent in the TOC.
-func (b *builder) offsets() error {
-	type ref struct{ n, c int }
-	var all []ref
-	for i, n := range b.regs {
-		for j := range n.Chunks {
-			all = append(all, ref{i, j})
-		}
-	}
-	chunk := func(r ref) *metadata.Chunk { return &b.regs[r.n].Chunks[r.c] }
-	for i := range all {
-		c := chunk(all[i])
-		if c.Offset >= b.tocOffset {
-			return b.regErr(all[i].n, fmt.Errorf("chunk data at %d is not before the TOC at %d", c.Offset, b.tocOffset))
-		}
-		if i > 0 {
-			prev := chunk(all[i-1])
-			if c.Offset < prev.Offset || (c.Offset == prev.Offset && c.InnerOffset < prev.InnerOffset+prev.Size) {
-				return b.regErr(all[i].n, fmt.Errorf("chunk data at %d+%d overlaps or precedes the previous chunk at %d+%d",
-					c.Offset, c.InnerOffset, prev.Offset, prev.InnerOffset))
-			}
-		}
-	}
-	end := b.tocOffset
-	for i := len(all) - 1; i >= 0; i-- {
-		c := chunk(all[i])
-		c.End = end
-		if c.End-c.Offset > maxChunkSpan {
-			return b.regErr(all[i].n, fmt.Errorf("chunk data at %d spans %d compressed bytes, more than %d", c.Offset, c.End-c.Offset, maxChunkSpan))
-		}
-		if i == 0 || chunk(all[i-1]).Offset != c.Offset {
-			end = c.Offset
-		}
-	}
-	return nil
-}
-
-// regErr names the TOC entry of regular file i (of b.regs) in err.
-func (b *builder) regErr(i int, err error) error {
-	return entryErr(b.regAt[i], b.regName[i], err)
-}
-
-func (b *builder) tree() *Tree {
-	t := &Tree{Nodes: b.nodes}
-	if b.landmark {
-		t.Prefetch = b.prefetch
-	}
-	for _, n := range b.regs {
-		if n.Size > 0 {
-			t.Files++
-		}
-	}
-	seen := map[*buildNode]bool{}
-	var walk func(*buildNode)
-	walk = func(d *buildNode) {
-		if seen[d] {
-			return
-		}
-		seen[d] = true
-		for name, c := range d.children {
-			t.Dirents = append(t.Dirents, metadata.Dirent{Parent: d.n.ID, Name: name, ID: c.n.ID, Type: c.n.Type})
-			if c.n.Type == metadata.TypeDir {
-				walk(c)
-			}
-		}
-	}
-	walk(b.root)
-	// In key order, bbolt appends instead of splitting pages at random.
-	sort.Slice(t.Dirents, func(i, j int) bool {
-		a, b := t.Dirents[i], t.Dirents[j]
-		if a.Parent != b.Parent {
-			return a.Parent < b.Parent
-		}
-		return a.Name < b.Name
-	})
-	return t
 }

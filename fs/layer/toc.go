@@ -155,19 +155,40 @@ func ReadTOC(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, err
 // has a TOC of 40 MB). The tree is returned only once the whole TOC
 // matched pin. The TOC it returns has no Entries.
 func ReadTree(ctx context.Context, r io.ReaderAt, size int64, pin Pin) (*TOC, *Tree, error) {
+	t := &memTree{}
 	var b *builder
 	toc, err := readTOC(ctx, r, size, pin, func(_ Format, off int64) entrySink {
-		b = newBuilder(off)
+		b = newBuilder(off, t)
 		return b.add
 	})
 	if err != nil {
 		return nil, nil, err
 	}
-	tree, err := b.finish()
+	tree, err := t.finish(b)
 	if err != nil {
 		return nil, nil, err
 	}
 	return toc, tree, nil
+}
+
+// Import is ReadTree into sink: the nodes go to it as they are final and
+// only the layer's directories stay in memory until the end. What sink
+// took is good only once Import returned without an error (the TOC is
+// verified against pin at its end).
+func Import(ctx context.Context, r io.ReaderAt, size int64, pin Pin, sink Sink) (*TOC, Summary, error) {
+	var b *builder
+	toc, err := readTOC(ctx, r, size, pin, func(_ Format, off int64) entrySink {
+		b = newBuilder(off, sink)
+		return b.add
+	})
+	if err != nil {
+		return nil, Summary{}, err
+	}
+	sum, err := b.finish()
+	if err != nil {
+		return nil, Summary{}, err
+	}
+	return toc, sum, nil
 }
 
 // entrySink takes the TOC's entries in order as they are decoded.
