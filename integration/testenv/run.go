@@ -169,7 +169,19 @@ func (e *Env) RunTask(ctx context.Context, c client.Container) (_ *Result, err e
 	if err != nil {
 		return nil, fmt.Errorf("task %s exit status: %w", c.ID(), err)
 	}
-	// Delete waits for the output to be copied.
+	// Delete cancels output copiers that have not opened their FIFOs yet
+	// (on a loaded machine, a short task can exit first), and its output
+	// is lost: wait for the copiers to read to the end first, boundedly.
+	copied := make(chan struct{})
+	go func() {
+		task.IO().Wait()
+		close(copied)
+	}()
+	select {
+	case <-copied:
+	case <-time.After(30 * time.Second):
+	case <-ctx.Done():
+	}
 	if _, err := task.Delete(ctx); err != nil {
 		return nil, fmt.Errorf("delete task %s: %w", c.ID(), err)
 	}
