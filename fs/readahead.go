@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"errors"
+	"slices"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -313,6 +314,29 @@ func (m *mounted) claimWindow(fileStart, fileEnd, start, end, demandEnd int64) (
 // addWindow remembers a window and returns it, forgetting the oldest
 // beyond maxWindows: their files are sealed by then, or fetched again if
 // not.
+// claimStream adds a window over the first of the picked spans that no
+// window overlaps, checking and adding under the lock readers claim their
+// windows with (claimWindow): a reader that took some of the files since
+// the stream picked them keeps them, and no byte is fetched twice. It
+// returns the window (nil when the first picked span is taken) and how
+// many of the picked spans it holds.
+func (m *mounted) claimStream(spans []fileSpan, picked []int) (*window, int) {
+	m.winMu.Lock()
+	defer m.winMu.Unlock()
+	n := 0
+	for _, j := range picked {
+		if slices.ContainsFunc(m.windows, func(w *window) bool { return w.overlaps(spans[j].off, spans[j].end) }) {
+			break
+		}
+		n++
+	}
+	if n == 0 {
+		return nil, 0
+	}
+	first, last := spans[picked[0]], spans[picked[n-1]]
+	return m.addWindowLocked(newWindow(first.off, last.end-first.off, last.end)), n
+}
+
 func (m *mounted) addWindow(w *window) *window {
 	m.winMu.Lock()
 	defer m.winMu.Unlock()

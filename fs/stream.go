@@ -77,27 +77,40 @@ func (m *mounted) stream(ctx context.Context) {
 	var requests int
 	spans := m.spans()
 	for i := 0; i < len(spans) && ctx.Err() == nil; {
-		var ids []uint64
+		var picked []int // of spans
 		var off, end int64
 		for ; i < len(spans); i++ {
 			sp := spans[i]
-			if len(ids) > 0 && (sp.off-end > groupGap || sp.end-off > size) {
+			if len(picked) > 0 && (sp.off-end > groupGap || sp.end-off > size) {
 				break
 			}
 			n, err := m.meta.Node(sp.id)
 			if err != nil || m.fs.store.Has(digest.Digest(n.Digest)) || m.piecewise(n) || m.window(sp.off, sp.end) != nil {
 				continue
 			}
-			if len(ids) == 0 {
+			if len(picked) == 0 {
 				off = sp.off
 			}
-			ids = append(ids, sp.id)
+			picked = append(picked, i)
 			end = sp.end
 		}
-		if len(ids) == 0 {
+		if len(picked) == 0 {
 			continue
 		}
-		w := m.addWindow(newWindow(off, end-off, end))
+		w, taken := m.claimStream(spans, picked)
+		if taken < len(picked) {
+			// A reader took picked[taken] meanwhile: it keeps it, and the
+			// stream goes on after it.
+			i = picked[taken] + 1
+		}
+		if w == nil {
+			continue
+		}
+		ids := make([]uint64, taken)
+		for k, j := range picked[:taken] {
+			ids[k] = spans[j].id
+		}
+		off, end = spans[picked[0]].off, spans[picked[taken-1]].end
 		select {
 		case jobs <- streamJob{w, ids}:
 		case <-ctx.Done():

@@ -99,6 +99,17 @@ func (w *window) covers(off, end int64) bool {
 	return off >= w.off && end <= w.off+int64(len(w.buf))
 }
 
+// overlaps reports whether the window has, or may still get, any byte of
+// [off, end).
+func (w *window) overlaps(off, end int64) bool {
+	if end <= w.off || off >= w.off+int64(len(w.buf)) {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return !w.done || off < w.off+w.filled
+}
+
 // holds reports whether the window has, or may still get, [off, end).
 func (w *window) holds(off, end int64) bool {
 	if !w.covers(off, end) {
