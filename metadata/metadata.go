@@ -170,74 +170,23 @@ func direntKey(parent uint64, name string) []byte {
 	return k
 }
 
-// Put stores a layer under key, replacing any earlier one.
+// Put stores a layer under key, replacing any earlier one: a Writer given
+// the layer's nodes and directory entries in one go.
 func (d *DB) Put(key string, info LayerInfo, nodes []*Node, dirents []Dirent) error {
-	d.mu.Lock()
-	d.writing[key]++
-	d.mu.Unlock()
-	defer func() {
-		d.mu.Lock()
-		if d.writing[key]--; d.writing[key] == 0 {
-			delete(d.writing, key)
+	w := d.NewWriter(key)
+	for _, n := range nodes {
+		if err := w.Node(n); err != nil {
+			w.Abort()
+			return err
 		}
-		d.mu.Unlock()
-	}()
-	info.Nodes = len(nodes)
-	if info.Created.IsZero() {
-		info.Created = time.Now()
 	}
-	// Records are written in transactions of up to batch records; the
-	// first also replaces an earlier layer under key, the last marks it
-	// Complete. A layer of up to batch records (nodes plus dirents: most
-	// layers) is one transaction, one fsync: the mount waits for it.
-	total := len(nodes) + len(dirents)
-	for done, first := 0, true; first || done < total; first = false {
-		n := min(batch, total-done)
-		last := done+n == total
-		err := d.db.Update(func(tx *bolt.Tx) error {
-			layers := tx.Bucket(bucketLayers)
-			lb := layers.Bucket([]byte(key))
-			if first {
-				if err := layers.DeleteBucket([]byte(key)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
-					return err
-				}
-				var err error
-				if lb, err = layers.CreateBucket([]byte(key)); err != nil {
-					return err
-				}
-				for _, b := range [][]byte{bucketNodes, bucketDirents} {
-					if _, err := lb.CreateBucket(b); err != nil {
-						return err
-					}
-				}
-			} else if lb == nil {
-				return ErrNotFound
-			}
-			nb, db := lb.Bucket(bucketNodes), lb.Bucket(bucketDirents)
-			// Keys arrive in order (nodes by inode, dirents sorted):
-			// full pages, half as many to write and sync.
-			nb.FillPercent, db.FillPercent = 0.95, 0.95
-			for i := done; i < done+n; i++ {
-				if i < len(nodes) {
-					if err := nb.Put(u64(nodes[i].ID), encodeNode(nil, nodes[i])); err != nil {
-						return err
-					}
-					continue
-				}
-				e := dirents[i-len(nodes)]
-				if err := db.Put(direntKey(e.Parent, e.Name), append(u64(e.ID), byte(e.Type))); err != nil {
-					return err
-				}
-			}
-			info.Complete = last
-			return putInfo(lb, info)
-		})
-		if err != nil {
-			return fmt.Errorf("metadata: layer %s: %w", key, err)
+	for _, e := range dirents {
+		if err := w.Dirent(e); err != nil {
+			w.Abort()
+			return err
 		}
-		done += n
 	}
-	return nil
+	return w.Commit(info)
 }
 
 func putInfo(lb *bolt.Bucket, info LayerInfo) error {
