@@ -307,7 +307,14 @@ func TestManyBatches(t *testing.T) {
 	if err := db.Put("big", metadata.LayerInfo{}, nodes, dirents); err != nil {
 		t.Fatal(err)
 	}
-	l, err := db.Layer("big")
+	checkStored(t, db, "big", nodes, dirents)
+}
+
+// checkStored reads a layer of several transactions back: every node, as
+// many dirents as stored, the last of them by name.
+func checkStored(t *testing.T, db *metadata.DB, key string, nodes []*metadata.Node, dirents []metadata.Dirent) {
+	t.Helper()
+	l, err := db.Layer(key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +323,7 @@ func TestManyBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	if count != len(nodes) || l.Info.Nodes != len(nodes) {
-		t.Errorf("walked %d nodes, info says %d, put %d", count, l.Info.Nodes, len(nodes))
+		t.Errorf("walked %d nodes, info says %d, stored %d", count, l.Info.Nodes, len(nodes))
 	}
 	total := 0
 	for _, n := range nodes {
@@ -329,7 +336,7 @@ func TestManyBatches(t *testing.T) {
 		}
 	}
 	if total != len(dirents) {
-		t.Errorf("%d dirents read back, %d put", total, len(dirents))
+		t.Errorf("%d dirents read back, %d stored", total, len(dirents))
 	}
 	last := dirents[len(dirents)-1]
 	if n, err := l.Lookup(last.Parent, last.Name); err != nil || n.ID != last.ID {

@@ -75,21 +75,7 @@ func TestWriterManyBatchesAndAbort(t *testing.T) {
 	if err := w.Commit(metadata.LayerInfo{}); err != nil {
 		t.Fatal(err)
 	}
-	l, err := db.Layer("big")
-	if err != nil {
-		t.Fatal(err)
-	}
-	count := 0
-	if err := l.Walk(func(*metadata.Node) error { count++; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if count != len(nodes) || l.Info.Nodes != len(nodes) {
-		t.Errorf("walked %d nodes, info says %d, wrote %d", count, l.Info.Nodes, len(nodes))
-	}
-	last := dirents[len(dirents)-1]
-	if n, err := l.Lookup(last.Parent, last.Name); err != nil || n.ID != last.ID {
-		t.Errorf("last dirent: %v %v", n, err)
-	}
+	checkStored(t, db, "big", nodes, dirents)
 
 	w = db.NewWriter("big")
 	for _, n := range nodes {
