@@ -100,23 +100,10 @@ func TestCRIRunsALazyImage(t *testing.T) {
 func testCRI(t *testing.T, containerd2 bool) {
 	requireIntegration(t)
 	ctx := testContext(t)
-	bin, err := testenv.BuildCrictl(ctx, t.Logf)
-	if err != nil {
-		t.Fatal(err)
-	}
+	bin := criTools(ctx, t, containerd2)
 	hosts := filepath.Join(t.TempDir(), "cri-hosts.d")
-	if containerd2 {
-		if _, err := testenv.BuildContainerd2(ctx, t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
-			t.Skip(err)
-		}
-	}
-	env := newEnvWith(t, testenv.Options{Containerd2: containerd2, CRIConfig: func(e *testenv.Env) string {
-		if containerd2 {
-			return fmt.Sprintf(criConfig2, e.RegistryHost+"/pause:latest", hosts)
-		}
-		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
-	}})
-	writeHostsToml(t, hosts, env.RegistryHost)
+	env := newEnvWith(t, testenv.Options{Containerd2: containerd2, CRIConfig: criConfigFor(containerd2, hosts)})
+	writeHostsToml(t, hosts, env.RegistryHost, env.RegistryHost)
 	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
 		t.Fatal(err)
 	}
@@ -159,16 +146,45 @@ func testCRI(t *testing.T, containerd2 bool) {
 	t.Logf("pod run, logs, exec, stop, rmp and rmi through CRI; every lazy mount gone after rmi")
 }
 
-// writeHostsToml lets containerd reach the plain-HTTP registry host
-// through the hosts directory dir.
-func writeHostsToml(t *testing.T, dir, host string) {
+// criTools builds (once, into the test cache) crictl, and containerd 2.x
+// when the test runs on it, skipping the test where 2.x cannot be had;
+// it returns crictl's path.
+func criTools(ctx context.Context, t *testing.T, containerd2 bool) string {
+	t.Helper()
+	bin, err := testenv.BuildCrictl(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if containerd2 {
+		if _, err := testenv.BuildContainerd2(ctx, t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
+			t.Skip(err)
+		}
+	}
+	return bin
+}
+
+// criConfigFor is the CRI configuration of the containerd the test runs
+// (criConfig or criConfig2), with the environment's pause image and the
+// hosts directory hosts.
+func criConfigFor(containerd2 bool, hosts string) func(e *testenv.Env) string {
+	return func(e *testenv.Env) string {
+		if containerd2 {
+			return fmt.Sprintf(criConfig2, e.RegistryHost+"/pause:latest", hosts)
+		}
+		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
+	}
+}
+
+// writeHostsToml makes registry host served by the plain-HTTP registry
+// at server, in the containerd hosts directory dir.
+func writeHostsToml(t *testing.T, dir, host, server string) {
 	t.Helper()
 	hostDir := filepath.Join(dir, host)
 	if err := os.MkdirAll(hostDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
-		"http://"+host, "http://"+host)
+		"http://"+server, "http://"+server)
 	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -33,15 +32,7 @@ func TestCRIPullWithKubeletCredentials(t *testing.T) {
 func testCRICredentials(t *testing.T, containerd2 bool) {
 	requireIntegration(t)
 	ctx := testContext(t)
-	bin, err := testenv.BuildCrictl(ctx, t.Logf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if containerd2 {
-		if _, err := testenv.BuildContainerd2(ctx, t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
-			t.Skip(err)
-		}
-	}
+	bin := criTools(ctx, t, containerd2)
 	// Unix socket paths must stay short: not under t.TempDir().
 	sockDir, err := os.MkdirTemp("", "cri")
 	if err != nil {
@@ -58,14 +49,9 @@ func testCRICredentials(t *testing.T, containerd2 bool) {
 		// lazily, after the pull, with the pull's credentials.
 		DaemonConfig: fmt.Sprintf("metrics_address = %q\n\n[fs]\nprefetch = false\nstartup_fetch = false\nbackground_fetch = false\nlearn = false\n\n[cri]\nimage_service_address = %q\n", metrics, proxySock),
 		Containerd2:  containerd2,
-		CRIConfig: func(e *testenv.Env) string {
-			if containerd2 {
-				return fmt.Sprintf(criConfig2, e.RegistryHost+"/pause:latest", hosts)
-			}
-			return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", hosts)
-		},
+		CRIConfig:    criConfigFor(containerd2, hosts),
 	})
-	writeHostsToml(t, hosts, env.RegistryHost)
+	writeHostsToml(t, hosts, env.RegistryHost, env.RegistryHost)
 	if _, err := env.PushImage(ctx, testimages.Pause); err != nil {
 		t.Fatal(err)
 	}

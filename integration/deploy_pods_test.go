@@ -415,7 +415,7 @@ func newCRIPods(ctx context.Context, n *deployNode, cri crictl, archive, criHost
 	domain := reference.Domain(named)
 	pushRef := n.env.RegistryHost + strings.TrimPrefix(named.String(), domain)
 	pushArchive(ctx, t, archive, pushRef)
-	writeDeployHostsToml(t, criHosts, domain, n.env.RegistryHost)
+	writeHostsToml(t, criHosts, domain, n.env.RegistryHost)
 
 	p := &criPods{deployNode: n, cri: cri, sandboxes: map[string]string{}, logs: map[string]string{}}
 	podCfg := p.podConfig(n.manifests.holder, "pull")

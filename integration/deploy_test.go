@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -59,15 +58,7 @@ func testDeploy(t *testing.T, containerd2 bool) {
 	requireIntegration(t)
 	ctx := testContext(t)
 	d := loadDeployManifests(t)
-	crictlBin, err := testenv.BuildCrictl(ctx, t.Logf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if containerd2 {
-		if _, err := testenv.BuildContainerd2(ctx, t.Logf); errors.Is(err, testenv.ErrContainerd2Offline) {
-			t.Skip(err)
-		}
-	}
+	crictlBin := criTools(ctx, t, containerd2)
 	imageTar := buildDeployImage(ctx, t, d.daemon.Spec.Template.Spec.Containers[0].Image)
 
 	criHosts := filepath.Join(t.TempDir(), "cri-hosts.d")
@@ -77,7 +68,7 @@ func testDeploy(t *testing.T, containerd2 bool) {
 		}
 		return fmt.Sprintf(criConfig, e.RegistryHost+"/pause:latest", criHosts)
 	}})
-	writeDeployHostsToml(t, criHosts, env.RegistryHost, env.RegistryHost)
+	writeHostsToml(t, criHosts, env.RegistryHost, env.RegistryHost)
 	// Before the environment's Close (cleanups run last first): the
 	// containers on lazycas go while it still serves their snapshots.
 	t.Cleanup(func() { removeDeployContainers(t, env) })
@@ -289,21 +280,6 @@ func buildDeployImage(ctx context.Context, t *testing.T, tag string) string {
 	}
 	t.Logf("built the image in %s: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(string(out)))
 	return archive
-}
-
-// writeDeployHostsToml makes registry host served by the plain-HTTP
-// registry at server, in the containerd hosts directory dir.
-func writeDeployHostsToml(t *testing.T, dir, host, server string) {
-	t.Helper()
-	hostDir := filepath.Join(dir, host)
-	if err := os.MkdirAll(hostDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n",
-		"http://"+server, "http://"+server)
-	if err := os.WriteFile(filepath.Join(hostDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // removeDeployContainers deletes every container of the test's
