@@ -13,7 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	lazyfs "github.com/lazycas/lazycas/fs"
-	"github.com/lazycas/lazycas/fs/fuse"
 	"github.com/lazycas/lazycas/fs/remote"
 	"github.com/lazycas/lazycas/service/cri"
 	"github.com/lazycas/lazycas/snapshot"
@@ -186,20 +185,13 @@ func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descFUSEErrors, float64(m.OpenErrors.Load()), "open")
 		counter(descFUSEErrors, float64(m.ReadErrors.Load()), "read")
 		for _, op := range m.Ops() {
-			buckets := make(map[float64]uint64, len(op.Buckets))
-			for i, le := range fuse.LatencyBuckets {
-				buckets[le] = op.Buckets[i]
-			}
-			ch <- prometheus.MustNewConstHistogram(descFUSE, op.Count, op.Sum.Seconds(), buckets, op.Op)
+			histogram(ch, descFUSE, op.Snapshot, op.Op)
 		}
 	}
 }
 
-// histogram sends a remote.Histogram as a Prometheus histogram.
-func histogram(ch chan<- prometheus.Metric, d *prometheus.Desc, h remote.Histogram) {
-	buckets := make(map[float64]uint64, len(h.Buckets))
-	for i, le := range remote.LatencyBuckets {
-		buckets[le] = h.Buckets[i]
-	}
-	ch <- prometheus.MustNewConstHistogram(d, h.Count, h.Sum.Seconds(), buckets)
+// histogram sends a latency histogram (remote's, or a FUSE operation's)
+// as a Prometheus histogram.
+func histogram(ch chan<- prometheus.Metric, d *prometheus.Desc, h remote.Histogram, labels ...string) {
+	ch <- prometheus.MustNewConstHistogram(d, h.Count, h.Sum.Seconds(), h.Cumulative(), labels...)
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/lazycas/lazycas/fs/internal/latency"
 )
 
 // Outcome is how one attempt at a registry request ended: one attempt is
@@ -124,45 +126,17 @@ func attemptBytes(ctx context.Context) *atomic.Int64 {
 // LatencyBuckets are the upper bounds, in seconds, of the fetch latency
 // histograms' buckets: from a near registry's round trip to a request
 // close to the default RequestTimeout.
-var LatencyBuckets = [...]float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+var LatencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
-// Histogram is a latency histogram's counts: Buckets[i] counts the
-// observations of at most LatencyBuckets[i] seconds (cumulative, as
-// Prometheus has it).
-type Histogram struct {
-	Count   uint64
-	Sum     time.Duration
-	Buckets [len(LatencyBuckets)]uint64
-}
+// Histogram is a fetch latency histogram's counts, in LatencyBuckets.
+type Histogram = latency.Snapshot
 
 // histogram counts durations into LatencyBuckets without a lock.
-type histogram struct {
-	count   atomic.Uint64
-	sumNs   atomic.Int64
-	buckets [len(LatencyBuckets)]atomic.Uint64
-}
+type histogram struct{ h latency.Histogram }
 
-func (h *histogram) observe(d time.Duration) {
-	// The count before the buckets, and read after them (snapshot): the
-	// total a scrape sees is never below a bucket.
-	h.count.Add(1)
-	h.sumNs.Add(int64(d))
-	secs := d.Seconds()
-	for i, le := range LatencyBuckets {
-		if secs <= le {
-			h.buckets[i].Add(1)
-		}
-	}
-}
+func (h *histogram) observe(d time.Duration) { h.h.Observe(LatencyBuckets, d) }
 
-func (h *histogram) snapshot() Histogram {
-	var s Histogram
-	for i := range s.Buckets {
-		s.Buckets[i] = h.buckets[i].Load()
-	}
-	s.Count, s.Sum = h.count.Load(), time.Duration(h.sumNs.Load())
-	return s
-}
+func (h *histogram) snapshot() Histogram { return h.h.Snapshot(LatencyBuckets) }
 
 // Unreachable reports whether err, from a read, says the registry could
 // not be talked to or could not answer: no route, no name, a refused or
